@@ -1,0 +1,176 @@
+"""The algorithm interface shared by BP and every BP-free method.
+
+An algorithm owns its learning rule: local losses, auxiliary modules, optimisers, phases. It knows
+nothing of timing, energy, logging or files; the engine drives it and the meters watch the engine.
+
+Contract for implementers:
+- ``phases()`` returns the training schedule; the engine runs each phase for up to ``epochs``
+  epochs with early stopping on validation accuracy (as reported by ``predict`` in that phase)
+  and restores the phase's best weights at its end.
+- ``train_step(x, y)`` does one update and returns detached scalar tensors, at least ``loss``.
+  No ``.item()``, no host sync, no Python branching on tensor values.
+- ``predict(x)`` returns class scores (argmax is the prediction) under ``torch.no_grad`` in eval
+  mode. While a phase runs it reflects that phase (e.g. the layer being trained); after training
+  (``phase is None``) it is the final inference rule.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
+
+from bpfree.data import DataSpec
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training with one objective (BP: one; greedy layer-wise methods: one per layer)."""
+
+    name: str
+    epochs: int
+    early_stopping: bool = True  # stop on validation accuracy and restore the best weights
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The generic optimisation settings from the run config, shared by every algorithm."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    optimizer: str  # adam | adamw | sgd
+    momentum: float = 0.9
+
+
+@dataclass(frozen=True)
+class SearchDim:
+    """One tunable hyperparameter: a dotted config key and its range."""
+
+    key: str  # "lr", "weight_decay" or "params.<name>"
+    kind: str  # "log" | "float" | "int" | "choice"
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+
+
+def make_optimizer(
+    parameters: Any, settings: TrainSettings, lr: float | None = None, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
+    lr = settings.lr if lr is None else lr
+    wd = settings.weight_decay if weight_decay is None else weight_decay
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=wd)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=wd)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, weight_decay=wd, momentum=settings.momentum)
+    raise ValueError(f"unknown optimizer {settings.optimizer!r}")
+
+
+class Algorithm(ABC):
+    """Base class; subclasses set ``name``, ``paper``, ``Params`` and implement the abstract methods."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    # Deliberate differences from the paper, each with the parameter that switches it (if any).
+    deviations: ClassVar[tuple[str, ...]] = ()
+    Params: ClassVar[type[BaseModel]] = NoParams
+    # Hyperparameters Optuna tunes; every algorithm gets the same number of trials and epochs.
+    search_space: ClassVar[tuple[SearchDim, ...]] = (
+        SearchDim("lr", "log", 1e-5, 1e-2),
+        SearchDim("weight_decay", "log", 1e-7, 1e-3),
+    )
+    # Model families this algorithm can train (prefixes of model specs).
+    model_families: ClassVar[tuple[str, ...]] = ("mlp", "cnn3")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: DataSpec,
+        settings: TrainSettings,
+        params: BaseModel,
+        generator: torch.Generator,
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.settings = settings
+        self.params = params
+        self.generator = generator  # the algorithm's own randomness (negatives, noise), seeded by the engine
+        self.aux = nn.ModuleDict()  # auxiliary parts attached beside the model
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.phase: Phase | None = None
+
+    # -- schedule -------------------------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        return [Phase("train", self.settings.epochs)]
+
+    def begin_phase(self, phase: Phase) -> None:
+        self.phase = phase
+
+    def end_training(self) -> None:
+        """Switch ``predict`` to the final inference rule."""
+        self.phase = None
+
+    def flop_key(self) -> Any:
+        """Steps with equal keys (within a phase and batch size) cost the same FLOPs."""
+        return None
+
+    # -- learning -------------------------------------------------------------------------------
+    @abstractmethod
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def predict(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    # -- modes and state ------------------------------------------------------------------------
+    def modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"model": self.model, "aux": self.aux})
+
+    def train_mode(self) -> None:
+        self.modules().train()
+
+    def eval_mode(self) -> None:
+        self.modules().eval()
+
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of every weight and buffer, for best-epoch restore."""
+        return {k: v.detach().clone() for k, v in self.modules().state_dict().items()}
+
+    def load_weights_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.modules().load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.modules().state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.modules().load_state_dict(state["weights"])
+        for key, opt_state in state["optimizers"].items():
+            if key in self.optimizers:  # optimisers of a finished phase are not rebuilt
+                self.optimizers[key].load_state_dict(opt_state)
+        self.load_extra_state(state.get("extra", {}))
+
+    def extra_state(self) -> dict[str, Any]:
+        """Non-tensor state beyond weights and optimisers (override if any)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        del state
+
+    def parameter_counts(self) -> dict[str, int]:
+        model = sum(p.numel() for p in self.model.parameters())
+        aux = sum(p.numel() for p in self.aux.parameters())
+        return {"model_params": model, "aux_params": aux}

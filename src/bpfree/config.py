@@ -1,0 +1,183 @@
+"""Run configuration: a validated, frozen pydantic model loaded from YAML and/or CLI flags.
+
+Precedence: code defaults < YAML file < CLI flags. Unknown keys are errors, and every error is
+reported as one line naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bpfree.errors import ConfigError
+
+# Fields that say where or how to store a run, not what the run is; they do not enter the run's key.
+_NON_IDENTITY_FIELDS = ("output", "data_root", "download", "name")
+
+
+class RunConfig(BaseModel):
+    """Everything that defines one training run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    algorithm: str = Field("bp", description="training algorithm (see `bpfree list`)")
+    dataset: str = Field("mnist5k", description="dataset name (see `bpfree list`)")
+    model: str = Field("mlp:2x1000", description="architecture, e.g. mlp:2x1000, cnn3, noprop:10")
+    epochs: int = Field(10, ge=1, le=100_000, description="maximum epochs (per phase for phased algorithms)")
+    batch_size: int = Field(128, ge=1, le=1_000_000)
+    eval_batch_size: int = Field(1000, ge=1, le=1_000_000)
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    patience: int | None = Field(10, ge=1, description="early-stopping patience in epochs on validation accuracy; null disables")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_root: Path | None = Field(None, description="directory holding torchvision datasets")
+    download: bool = Field(False, description="let torchvision download missing datasets")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share of the training set (not MNIST: fixed 50k/10k)")
+    checkpoint: bool = Field(True, description="write a resumable checkpoint after every epoch")
+    output: Path = Field(Path("results"), description="results directory; each run writes <output>/<run_id>/")
+    name: str | None = Field(None, description="free-form label stored with the result")
+    params: dict[str, Any] = Field(default_factory=dict, description="algorithm-specific hyperparameters")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        from bpfree.algorithms import algorithm_names
+
+        names = algorithm_names()
+        if value not in names:
+            raise ValueError(f"unknown algorithm {value!r}; choose one of {', '.join(names)}")
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from bpfree.data import dataset_names
+
+        names = dataset_names()
+        if value not in names:
+            raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(names)}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _parsable_model(cls, value: str) -> str:
+        from bpfree.models import parse_model_spec
+
+        parse_model_spec(value)  # raises ValueError with the accepted forms
+        return value
+
+    @model_validator(mode="after")
+    def _valid_algorithm_params(self) -> RunConfig:
+        from bpfree.algorithms import get_algorithm
+
+        get_algorithm(self.algorithm).Params.model_validate(self.params)
+        return self
+
+    def algorithm_params(self) -> BaseModel:
+        """The algorithm's own hyperparameters, validated, with defaults filled in."""
+        from bpfree.algorithms import get_algorithm
+
+        return get_algorithm(self.algorithm).Params.model_validate(self.params)
+
+    def resolved(self) -> dict[str, Any]:
+        """The full config as plain JSON types, algorithm defaults included."""
+        data = self.model_dump(mode="json")
+        data["params"] = self.algorithm_params().model_dump(mode="json")
+        return data
+
+    def key(self) -> str:
+        """A stable hash of what defines the run (not where it is stored); equal keys mean the same run."""
+        data = self.resolved()
+        for field in _NON_IDENTITY_FIELDS:
+            data.pop(field, None)
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        location = ".".join(str(p) for p in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+            if location.startswith("params."):
+                message = "unknown algorithm parameter"
+        elif "input" in item and item["type"] not in ("missing",) and not isinstance(item["input"], dict):
+            message = f"{message} (got {item['input']!r})"
+        parts.append(f"field '{location}': {message}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; malformed input raises ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found (expected a YAML file)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}: invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not a UTF-8 text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def build_config(values: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a mapping into a RunConfig, turning validation errors into one-line ConfigErrors."""
+    try:
+        return RunConfig.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """Parse a ``dotted.key=value`` override; the value is read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. params.schedule=layerwise")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return [k for k in key.strip().split(".") if k], value
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    assignments: list[str] | None = None,
+) -> RunConfig:
+    """Load a run config: YAML file (optional), then flag overrides (None values ignored), then key=value pairs."""
+    values: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
+    values = dict(values)
+    values["params"] = dict(values.get("params") or {}) if isinstance(values.get("params") or {}, dict) else values["params"]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    for text in assignments or []:
+        keys, value = parse_assignment(text)
+        if not keys:
+            raise ConfigError(f"override {text!r}: empty key")
+        target = values
+        for k in keys[:-1]:
+            if not isinstance(target.get(k), dict):
+                target[k] = {}
+            target = target[k]
+        target[keys[-1]] = value
+    return build_config(values, source=str(path) if path is not None else "config")

@@ -1,0 +1,113 @@
+"""Datasets as whole tensors resident on the training device, with a fixed train/val/test split.
+
+Every loader returns normalised float32 tensors; batches are drawn by index on the device, so
+the hot loop has no DataLoader, no worker processes and no host-device copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from bpfree.data.augment import random_crop_flip
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Shape facts every model and algorithm needs."""
+
+    name: str
+    input_shape: tuple[int, int, int]  # (channels, height, width)
+    num_classes: int
+    n_train: int
+    n_val: int
+    n_test: int
+    augment: bool  # random crop + flip on training batches (CIFAR)
+
+    @property
+    def input_dim(self) -> int:
+        c, h, w = self.input_shape
+        return c * h * w
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train/val/test tensors (images N×C×H×W, normalised; labels int64)."""
+
+    spec: DataSpec
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Splits:
+        move = {f: getattr(self, f).to(device) for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
+        return replace(self, **move)
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+
+def train_batches(
+    splits: Splits, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled training batches, drawn by index on the data's device.
+
+    The permutation and the augmentation draw from ``generator`` so the data order is a pure
+    function of the seed. The last, smaller batch is kept so every sample is seen each epoch.
+    """
+    n = splits.train_x.shape[0]
+    order = torch.randperm(n, generator=generator, device=generator.device)
+    if order.device != splits.device:
+        order = order.to(splits.device)
+    for start in range(0, n, batch_size):
+        index = order[start : start + batch_size]
+        x = splits.train_x.index_select(0, index)
+        if splits.spec.augment:
+            x = random_crop_flip(x, generator)
+        yield x, splits.train_y.index_select(0, index)
+
+
+def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start : start + batch_size], y[start : start + batch_size]
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size
+
+
+# name -> loader(data_root, download, val_fraction) returning CPU splits
+DatasetLoader = Callable[[Path | None, bool, float], Splits]
+_DATASETS: dict[str, DatasetLoader] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+    def decorate(loader: DatasetLoader) -> DatasetLoader:
+        _DATASETS[name] = loader
+        return loader
+
+    return decorate
+
+
+def dataset_names() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def load_dataset(
+    name: str, data_root: Path | None = None, download: bool = False, val_fraction: float = 0.1
+) -> Splits:
+    """Load a registered dataset onto the CPU (call ``.to(device)`` on the result)."""
+    if name not in _DATASETS:
+        raise KeyError(name)
+    return _DATASETS[name](data_root, download, val_fraction)
+
+
+# Importing the modules registers their datasets.
+from bpfree.data import embedded, vision  # noqa: E402,F401

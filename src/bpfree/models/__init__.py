@@ -1,0 +1,64 @@
+"""Model registry: one architecture definition shared by every algorithm.
+
+A model is a plain ``nn.Module`` exposing ``blocks`` (an ``nn.ModuleList`` of trainable stages) and
+``head`` (the classifier BP trains on top). Algorithms attach their own auxiliary parts (MF
+projections, CaFo predictors, ...) beside the model, never inside it, so BP and its BP-free twin
+train the very same blocks.
+
+Specs are strings: ``mlp:2x1000`` (depth x width), ``mlp:1000,500`` (explicit widths), ``cnn3``
+(the 3-block CNN). Further families register a prefix with :func:`register_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from bpfree.data import DataSpec
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    prefix: str
+    parse: Callable[[str], Any]  # argument text after "prefix:" (or "") -> parsed arguments; ValueError if bad
+    build: Callable[[Any, DataSpec], nn.Module]
+    forms: str  # human-readable accepted forms, for error messages
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_model(prefix: str, parse: Callable[[str], Any], build: Callable[[Any, DataSpec], nn.Module], forms: str) -> None:
+    _FAMILIES[prefix] = ModelFamily(prefix, parse, build, forms)
+
+
+def _split(spec: str) -> tuple[str, str]:
+    prefix, _, args = spec.partition(":")
+    return prefix.strip().lower(), args.strip()
+
+
+def parse_model_spec(spec: str) -> tuple[ModelFamily, Any]:
+    prefix, args = _split(spec)
+    forms = "; ".join(f.forms for f in _FAMILIES.values())
+    if prefix not in _FAMILIES:
+        raise ValueError(f"unknown model {spec!r}; expected one of: {forms}")
+    family = _FAMILIES[prefix]
+    try:
+        return family, family.parse(args)
+    except ValueError as exc:
+        raise ValueError(f"model {spec!r}: {exc}; expected {family.forms}") from None
+
+
+def build_model(spec: str, data: DataSpec) -> nn.Module:
+    family, args = parse_model_spec(spec)
+    return family.build(args, data)
+
+
+def model_names() -> list[str]:
+    return [f.forms for f in _FAMILIES.values()]
+
+
+from bpfree.models import cnn, mlp  # noqa: E402,F401  (registration)
