@@ -95,7 +95,7 @@ class Engine:
         self.seeds = derived_seeds(cfg.seed)
         family, _ = parse_model_spec(cfg.model)
         algorithm_cls = get_algorithm(cfg.algorithm)
-        if family.prefix not in algorithm_cls.model_families:
+        if "*" not in algorithm_cls.model_families and family.prefix not in algorithm_cls.model_families:
             raise UserError(
                 f"field 'model': algorithm {cfg.algorithm} trains {', '.join(algorithm_cls.model_families)} models, "
                 f"not {cfg.model!r}"

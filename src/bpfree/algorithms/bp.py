@@ -17,6 +17,7 @@ from bpfree.algorithms.base import Algorithm, make_optimizer
 class Backprop(Algorithm):
     name = "bp"
     paper = "Rumelhart, Hinton & Williams 1986"
+    model_families = ("*",)  # BP trains any registered architecture end to end
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
