@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from bpfree.errors import ConfigError
 
@@ -74,12 +74,19 @@ class RunConfig(BaseModel):
         parse_model_spec(value)  # raises ValueError with the accepted forms
         return value
 
-    @model_validator(mode="after")
-    def _valid_algorithm_params(self) -> RunConfig:
+    @field_validator("params")
+    @classmethod
+    def _valid_algorithm_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         from bpfree.algorithms import get_algorithm
 
-        get_algorithm(self.algorithm).Params.model_validate(self.params)
-        return self
+        algorithm = info.data.get("algorithm")
+        if algorithm is None:  # the algorithm itself was invalid; that error is reported instead
+            return value
+        try:
+            get_algorithm(algorithm).Params.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(_format_validation_error(exc, prefix=f"params.")) from None
+        return value
 
     def algorithm_params(self) -> BaseModel:
         """The algorithm's own hyperparameters, validated, with defaults filled in."""
@@ -102,19 +109,21 @@ class RunConfig(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+def _format_validation_error(error: ValidationError, source: str | None = None, prefix: str = "") -> str:
     parts = []
     for item in error.errors():
-        location = ".".join(str(p) for p in item["loc"]) or "config"
+        location = prefix + (".".join(str(p) for p in item["loc"]) or "config")
         message = item["msg"].removeprefix("Value error, ")
+        if message.startswith("field '"):  # already formatted by a nested validator
+            parts.append(message)
+            continue
         if item["type"] == "extra_forbidden":
-            message = "unknown field"
-            if location.startswith("params."):
-                message = "unknown algorithm parameter"
-        elif "input" in item and item["type"] not in ("missing",) and not isinstance(item["input"], dict):
+            message = "unknown algorithm parameter" if prefix == "params." else "unknown field"
+        elif "input" in item and item["type"] != "missing" and not isinstance(item["input"], dict):
             message = f"{message} (got {item['input']!r})"
         parts.append(f"field '{location}': {message}")
-    return f"{source}: " + "; ".join(parts)
+    text = "; ".join(parts)
+    return f"{source}: {text}" if source else text
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

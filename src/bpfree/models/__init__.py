@@ -61,4 +61,4 @@ def model_names() -> list[str]:
     return [f.forms for f in _FAMILIES.values()]
 
 
-from bpfree.models import cnn, mlp  # noqa: E402,F401  (registration)
+from bpfree.models import cnn, mlp, noprop_net  # noqa: E402,F401  (registration)

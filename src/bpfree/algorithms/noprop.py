@@ -1,0 +1,303 @@
+"""NoProp (Li, Teh & Pascanu 2025, arXiv 2503.24322): discrete-time variant NoProp-DT.
+
+Model: :mod:`bpfree.models.noprop_net` (T blocks û_θt(z_{t-1}, x), classifier ``head``, class
+embeddings ``embed`` = W_Embed). Notation (spec §5): the noising process runs from clean to noise
+backwards in t, q(z_t | y) = N(√ᾱ_t u_y, (1 - ᾱ_t) I) with ᾱ_0 ≈ 0 < ... < ᾱ_T ≈ 1, and
+SNR(t) = ᾱ_t / (1 - ᾱ_t) increasing in t.
+
+Loss of block t on a minibatch (paper Algorithm 1):
+
+  L_t = (T·η/2) (SNR(t) - SNR(t-1)) · mean_i ‖û_θt(z_{t-1,i}, x_i) - u_{y_i}‖²
+        + mean_i CE(head(z_{T,i}), y_i) + mean_i KL(q(z_0 | y_i) ‖ N(0, I))
+
+with z_{t-1} ~ q(z_{t-1} | y) and z_T ~ q(z_T | y) drawn directly from their closed forms with the
+algorithm's generator: no forward propagation through earlier blocks, and no gradient crosses
+blocks (block t sees only sampled z, never another block's output). Every block has its own
+optimiser; the head and a learned W_Embed have theirs ("out").
+
+Schedules of the paper's loop "for t: for minibatch" (``params.loop``):
+- ``joint`` (default): one engine step, on one minibatch, updates every block t from its own L2
+  term (independent noise per block), then the head/embeddings once from CE + KL (+ the blocks'
+  L2 gradients w.r.t. a learned W_Embed). Per engine epoch each block gets one pass over the data,
+  as in one t-iteration of the paper; the head gets one step per minibatch instead of T.
+  Equal to the paper's loop in expectation for the blocks (each block's update sees the same
+  distribution of (x, y, z)); not step-for-step equal for the shared head/embedding.
+- ``paper``: Algorithm 1's order. Engine epoch k trains only block t = (k mod T) + 1 for one pass
+  over the data (its L_t, including CE and KL, updates θ_t, head and W_Embed), so T engine epochs
+  are one paper epoch. Early stopping/validation still run per engine epoch.
+
+Parallel training (``params.parallel``, joint loop only): the T blocks' parameters are stacked into
+[T, ...] tensors (the blocks' own parameters become views of them, so the model, its state dict and
+the BP twin are unchanged) and one ``torch.func.vmap`` of ``functional_call`` computes all T
+forward/backward passes as batched (grouped) operators. A single elementwise optimiser (Adam,
+AdamW, SGD) on the stacked tensors is exactly T independent per-block optimisers with the same
+step count. ``parallel: false`` loops over the blocks, calling backward per block so that only one
+block's activations are alive at a time (NoProp's memory advantage); ``parallel: true`` keeps all T
+blocks' activations alive at once (speed for memory). Both give the same numbers for the same seed
+(same noise and dropout masks, drawn from the algorithm generator in the same order).
+
+Inference (paper Eq. 3, spec §5.7): z_0 ~ N(0, I), then for t = 1..T
+  z_t = a_t û_θt(z_{t-1}, x) + b_t z_{t-1} + √c_t ε_t,
+  a_t = √ᾱ_t (1 - α_{t-1}) / (1 - ᾱ_{t-1}), b_t = √α_{t-1} (1 - ᾱ_t) / (1 - ᾱ_{t-1}),
+  c_t = (1 - ᾱ_t)(1 - α_{t-1}) / (1 - ᾱ_{t-1}), α_{t-1} = ᾱ_{t-1} / ᾱ_t,
+and the class scores are head(z_T). ``inference: mean`` starts from z_0 = 0 and drops the noise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch.func import functional_call, vmap
+
+from bpfree.algorithms import register
+from bpfree.algorithms.base import Algorithm, SearchDim, make_optimizer
+
+
+class NoPropParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    variant: Literal["dt"] = "dt"  # ct / fm would plug in here (one shared network with a time input)
+    eta: float = Field(0.1, gt=0, le=1e3, description="η, weight of the SNR-difference L2 term (paper MNIST: 0.1)")
+    schedule: Literal["cosine", "linear"] = "cosine"
+    alpha_bar_clip: float = Field(1e-3, gt=0, lt=0.5, description="ᾱ_t is clipped to [clip, 1 - clip]")
+    loop: Literal["joint", "paper"] = "joint"
+    parallel: bool = Field(True, description="joint loop: train the T blocks as one vmap'd call over stacked weights")
+    inference: Literal["sample", "mean"] = "sample"
+
+
+def alpha_bar_schedule(T: int, kind: str = "cosine", clip: float = 1e-3) -> torch.Tensor:
+    """ᾱ_0..ᾱ_T (float64), increasing towards the clean label: ᾱ_0 ≈ 0, ᾱ_T ≈ 1."""
+    t = torch.arange(T + 1, dtype=torch.float64)
+    if kind == "cosine":
+        ab = torch.cos(0.5 * math.pi * (1.0 - t / T)) ** 2
+    elif kind == "linear":
+        ab = t / T
+    else:
+        raise ValueError(f"unknown schedule {kind!r}")
+    return ab.clamp(clip, 1.0 - clip)
+
+
+def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def posterior_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """a_t, b_t, c_t for t = 1..T (index t-1) of q(z_t | z_{t-1}, u_y) = N(a_t u_y + b_t z_{t-1}, c_t I)."""
+    ab_prev, ab = alpha_bar[:-1], alpha_bar[1:]
+    alpha_prev = ab_prev / ab  # α_{t-1}
+    a = ab.sqrt() * (1.0 - alpha_prev) / (1.0 - ab_prev)
+    b = alpha_prev.sqrt() * (1.0 - ab) / (1.0 - ab_prev)
+    c = (1.0 - ab) * (1.0 - alpha_prev) / (1.0 - ab_prev)
+    return a, b, c
+
+
+def kl_to_standard_normal(u: torch.Tensor, alpha_bar_0: float) -> torch.Tensor:
+    """KL(N(√ā u, (1-ā) I) ‖ N(0, I)) per row of u, closed form."""
+    d = u.shape[-1]
+    a = alpha_bar_0
+    return 0.5 * (d * (1.0 - a) + a * u.pow(2).sum(-1) - d - d * math.log(1.0 - a))
+
+
+@register
+class NoProp(Algorithm):
+    name = "noprop"
+    paper = "Li, Teh & Pascanu 2025, NoProp (arXiv 2503.24322), variant DT"
+    deviations = (
+        "loop=joint (default): each minibatch updates all T blocks (own losses, own optimisers) and the head/"
+        "embeddings once; the paper loops 'for t: for minibatch' with a head/embedding step per block step "
+        "(loop=paper reproduces that order, one block per engine epoch)",
+        "blocks use LayerNorm instead of BatchNorm and CPU-sized widths (c=8, h=64; model spec options)",
+        "optimiser, lr and weight decay come from the run config (paper: AdamW, 1e-3, 1e-3; see configs/quick)",
+        "cosine schedule ᾱ_t = cos²(π/2 (1 - t/T)) clipped to [clip, 1-clip] (the paper's exact formula was not retrieved)",
+        "inference noise (z_0 and ε_t) comes from a fixed-seed generator reset at every predict call, so evaluation "
+        "is deterministic and does not consume training randomness; inference=mean drops the noise",
+        "dropout masks are drawn from the algorithm generator (so parallel and sequential runs agree)",
+        "prototype class embeddings not implemented (one-hot fixed or learned orthogonal-init only)",
+        "gradients reach a learned W_Embed also through the reparameterised samples z ~ q(z|y)",
+    )
+    Params = NoPropParams
+    model_families = ("noprop",)
+    search_space = (
+        SearchDim("lr", "log", 1e-4, 1e-2),
+        SearchDim("weight_decay", "log", 1e-6, 1e-2),
+        SearchDim("params.eta", "log", 1e-2, 1.0),
+    )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        model, p = self.model, self.params
+        self.T = model.T
+        self.d = model.embed_dim
+        device = model.embed.device
+        ab = alpha_bar_schedule(self.T, p.schedule, p.alpha_bar_clip)
+        self.alpha_bar = ab
+        s = snr(ab)
+        weights = 0.5 * self.T * p.eta * (s[1:] - s[:-1])  # block t at index t-1
+        a, b, c = posterior_coefficients(ab)
+        self._a, self._b, self._c = a.tolist(), b.tolist(), c.tolist()
+        self._w = weights.tolist()
+        self._sqrt_ab = ab.sqrt().tolist()
+        self._sqrt_1mab = (1.0 - ab).sqrt().tolist()
+        self._kl_ab0 = float(ab[0])
+        # Stacked versions for the parallel path, shaped [T, 1, 1] to broadcast over (batch, d).
+        dt = model.embed.dtype
+        self._w_stack = weights.to(device=device, dtype=dt)
+        self._sqrt_ab_prev = ab[:-1].sqrt().to(device=device, dtype=dt).view(-1, 1, 1)
+        self._sqrt_1mab_prev = (1.0 - ab[:-1]).sqrt().to(device=device, dtype=dt).view(-1, 1, 1)
+
+        self.parallel = p.parallel and p.loop == "joint"
+        self._stacked: dict[str, torch.Tensor] = {}
+        if self.parallel:
+            self._stack_block_parameters()
+            self.optimizers["blocks"] = make_optimizer(list(self._stacked.values()), self.settings)
+        else:
+            for t, block in enumerate(model.blocks, start=1):
+                self.optimizers[f"block{t}"] = make_optimizer(block.parameters(), self.settings)
+        out_params = list(model.head.parameters())
+        if model.embedding_learned:
+            out_params.append(model.embed)
+        self.optimizers["out"] = make_optimizer(out_params, self.settings)
+
+        self._steps_per_epoch = max(1, math.ceil(self.spec.n_train / self.settings.batch_size))
+        self._step = 0  # counts train steps (loop=paper picks the block from it)
+        self._eval_seed = int(self.generator.initial_seed()) + 7_919
+        self._eval_generator = torch.Generator(device=self.generator.device)
+
+    # -- parallel storage -------------------------------------------------------------------------
+    def _stack_block_parameters(self) -> None:
+        """Move the T blocks' parameters into stacked [T, ...] leaf tensors; the blocks keep views."""
+        blocks = self.model.blocks
+        if any(True for _ in blocks[0].buffers()):
+            raise ValueError("parallel NoProp needs blocks without buffers (no BatchNorm)")
+        per_block = [dict(b.named_parameters()) for b in blocks]
+        for name in per_block[0]:
+            stacked = torch.stack([pb[name].detach() for pb in per_block]).requires_grad_(True)
+            for t, pb in enumerate(per_block):
+                pb[name].data = stacked.data[t]  # shares storage: optimiser steps on `stacked` move the block
+            self._stacked[name] = stacked
+
+    # -- randomness -----------------------------------------------------------------------------
+    def _draw(self, n_blocks: int, batch: int, like: torch.Tensor):
+        """Noise for z_{t-1} (n_blocks, B, d), for z_T (B, d), and dropout keep-masks per site."""
+        g = self.generator
+        eps = torch.randn(n_blocks, batch, self.d, generator=g, device=g.device, dtype=like.dtype)
+        eps_T = torch.randn(batch, self.d, generator=g, device=g.device, dtype=like.dtype)
+        masks = None
+        keep = 1.0 - self.model.dropout
+        if self.model.dropout > 0 and self.model.training:
+            masks = tuple(
+                (torch.rand(n_blocks, batch, *shape, generator=g, device=g.device, dtype=like.dtype) < keep).to(like.dtype)
+                / keep
+                for shape in self.model.blocks[0].mask_shapes
+            )
+        return eps, eps_T, masks
+
+    # -- losses ---------------------------------------------------------------------------------
+    def _block_loss(self, t: int, x, y, eps_t, masks_t) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted and raw L2 term of block t (1-based) on z_{t-1} ~ q(z_{t-1} | y)."""
+        model = self.model
+        u = model.embed[y]
+        z = self._sqrt_ab[t - 1] * u + self._sqrt_1mab[t - 1] * eps_t
+        u_hat = model.denoise(t, x, z, masks_t)
+        sq = (u_hat - u).pow(2).sum(-1).mean()
+        return self._w[t - 1] * sq, sq
+
+    def _out_loss(self, y, eps_T) -> tuple[torch.Tensor, torch.Tensor]:
+        """CE of the classifier on z_T ~ q(z_T | y), and the KL term."""
+        model = self.model
+        u = model.embed[y]
+        z_T = self._sqrt_ab[self.T] * u + self._sqrt_1mab[self.T] * eps_T
+        ce = F.cross_entropy(model.head(z_T), y)
+        kl = kl_to_standard_normal(u, self._kl_ab0).mean()
+        return ce, kl
+
+    def _parallel_block_losses(self, x, y, eps, masks) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        template = model.blocks[0]
+        u = model.embed[y]
+        z = self._sqrt_ab_prev * u + self._sqrt_1mab_prev * eps  # [T, B, d]
+        if masks is None:
+            logits = vmap(lambda prm, zt: functional_call(template, prm, (x, zt)))(self._stacked, z)
+        else:
+            logits = vmap(lambda prm, zt, mt: functional_call(template, prm, (x, zt, mt)))(self._stacked, z, masks)
+        u_hat = model.to_embedding(logits)  # [T, B, d]
+        sq = (u_hat - u).pow(2).sum(-1).mean(-1)  # [T]
+        return self._w_stack * sq, sq
+
+    # -- learning -------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)  # idle parameters keep grad None: no momentum/decay drift
+        if self.params.loop == "paper":
+            out = self._paper_step(x, y)
+        elif self.parallel:
+            eps, eps_T, masks = self._draw(self.T, x.shape[0], x)
+            weighted, sq = self._parallel_block_losses(x, y, eps, masks)
+            ce, kl = self._out_loss(y, eps_T)
+            l2 = weighted.sum()
+            (l2 + ce + kl).backward()
+            out = {"l2": l2.detach(), "mse": sq.detach().mean(), "ce": ce.detach(), "kl": kl.detach()}
+        else:
+            eps, eps_T, masks = self._draw(self.T, x.shape[0], x)
+            l2 = torch.zeros((), device=x.device, dtype=x.dtype)
+            mse = torch.zeros((), device=x.device, dtype=x.dtype)
+            for t in range(1, self.T + 1):  # backward per block: one block's activations alive at a time
+                masks_t = None if masks is None else tuple(m[t - 1] for m in masks)
+                weighted, sq = self._block_loss(t, x, y, eps[t - 1], masks_t)
+                weighted.backward()
+                l2 = l2 + weighted.detach()
+                mse = mse + sq.detach()
+            ce, kl = self._out_loss(y, eps_T)
+            (ce + kl).backward()
+            out = {"l2": l2, "mse": mse / self.T, "ce": ce.detach(), "kl": kl.detach()}
+        if self.params.loop != "paper":
+            for opt in self.optimizers.values():
+                opt.step()
+        self._step += 1
+        out["loss"] = out["l2"] + out["ce"] + out["kl"]
+        return out
+
+    def current_block(self) -> int:
+        """loop=paper: the block (1-based) trained in the current engine epoch."""
+        return (self._step // self._steps_per_epoch) % self.T + 1
+
+    def _paper_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = self.current_block()
+        eps, eps_T, masks = self._draw(1, x.shape[0], x)
+        masks_t = None if masks is None else tuple(m[0] for m in masks)
+        weighted, sq = self._block_loss(t, x, y, eps[0], masks_t)
+        ce, kl = self._out_loss(y, eps_T)
+        (weighted + ce + kl).backward()
+        self.optimizers[f"block{t}"].step()
+        self.optimizers["out"].step()
+        return {"l2": weighted.detach(), "mse": sq.detach(), "ce": ce.detach(), "kl": kl.detach()}
+
+    # -- inference ------------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        sample = self.params.inference == "sample"
+        with torch.no_grad():
+            if sample:
+                g = self._eval_generator
+                g.manual_seed(self._eval_seed)
+                z = torch.randn(x.shape[0], self.d, generator=g, device=g.device, dtype=x.dtype)
+            else:
+                z = x.new_zeros(x.shape[0], self.d)
+            for t in range(1, self.T + 1):
+                z = self._a[t - 1] * model.denoise(t, x, z) + self._b[t - 1] * z
+                if sample:
+                    z = z + math.sqrt(self._c[t - 1]) * torch.randn(
+                        z.shape, generator=g, device=g.device, dtype=z.dtype
+                    )
+            return model.head(z)
+
+    # -- state ----------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {"step": self._step}
+
+    def load_extra_state(self, state: dict) -> None:
+        self._step = state.get("step", self._step)

@@ -1,0 +1,192 @@
+"""The NoProp-DT network (Li, Teh & Pascanu 2025, arXiv 2503.24322, Fig. 6), scaled for CPU.
+
+T independent blocks û_θt(z_{t-1}, x), each with its OWN image embedding, plus a final linear
+classifier p̂_θout(y | z_T) = softmax(head(z_T)) and the class embeddings W_Embed (C x d).
+
+One block (paper Fig. 6, DT; widths scaled by the spec's channel base ``c`` and hidden width ``h``;
+the paper's MNIST/CIFAR block is c = 32 (32/64/128 channels) and h = 256):
+
+- image path: conv3x3(c) -> ReLU -> maxpool2 -> dropout -> conv3x3(2c) -> ReLU -> dropout ->
+  conv3x3(4c) -> ReLU -> maxpool2 -> dropout -> flatten -> Linear(h) -> LayerNorm
+- label path: z -> Linear(h) -> LayerNorm -> ReLU, plus a residual branch
+  Linear(h) -> LayerNorm -> ReLU -> Linear(h) -> LayerNorm added by a skip connection
+- fusion: concat(image, label) -> [Linear(h) -> LayerNorm -> ReLU] x 2 -> Linear(C logits)
+
+The block returns the C logits; the predicted clean embedding is û = softmax(logits) · W_Embed
+(paper; :meth:`NoPropNet.denoise`), a convex combination of the class embeddings.
+
+Deviations from Fig. 6, declared:
+- LayerNorm where the paper has BatchNorm. LayerNorm is per sample (no batch statistics, no
+  running-stat buffers, same in train and eval), so the T blocks can be stacked and run under
+  ``torch.func.vmap`` with exactly the numbers of the per-block loop. The BP twin uses the same.
+- Channels and hidden width are a CPU-sized default (c = 8, h = 64) instead of 32 and 256; both
+  are spec options (``noprop:10,c32,h256`` is the paper's size).
+- Dropout (p = 0.2 as in the paper) is elementwise. A block's forward takes optional explicit
+  keep-masks so an algorithm can draw them from its own generator; this is what makes the
+  sequential and the vmap'd training give identical numbers. Without masks it uses ``F.dropout``.
+
+Class embeddings (spec option): ``onehot`` (default; W_Embed = I, fixed, a buffer, d = C) or
+``d<D>`` (learned, orthogonally initialised C x D parameter). The paper's third option, prototype
+embeddings (d = image size, initialised from class images), is not implemented.
+
+The BP twin, ``forward(x)``: the same T blocks chained end to end, deterministic:
+z_0 = 0, z_t = softmax(block_t(x, z_{t-1})) · W_Embed for t = 1..T, logits = head(z_T).
+Trained by BP with cross-entropy on these logits, so gradients flow through the whole chain
+(and into a learned W_Embed). It does not use NoProp's noise schedule or posterior update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bpfree.data import DataSpec
+from bpfree.models import register_model
+
+
+@dataclass(frozen=True)
+class NoPropShape:
+    T: int = 10  # number of blocks
+    channels: int = 8  # c: the image path has c, 2c, 4c channels
+    hidden: int = 64  # h
+    embed_dim: int | None = None  # None: one-hot (d = C), fixed; else learned d x C
+    dropout: float = 0.2
+
+
+class NoPropBlock(nn.Module):
+    """û_θt(z_{t-1}, x) up to the final softmax·W_Embed: returns C logits."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, embed_dim: int, shape: NoPropShape) -> None:
+        super().__init__()
+        c_in, height, width = input_shape
+        c, h = shape.channels, shape.hidden
+        self.p = shape.dropout
+        self.conv1 = nn.Conv2d(c_in, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, 2 * c, 3, padding=1)
+        self.conv3 = nn.Conv2d(2 * c, 4 * c, 3, padding=1)
+        h2, w2 = height // 2, width // 2
+        h4, w4 = h2 // 2, w2 // 2
+        # Shapes of the three dropout sites (without the batch dimension), for explicit masks.
+        self.mask_shapes = ((c, h2, w2), (2 * c, h2, w2), (4 * c, h4, w4))
+        self.img_fc = nn.Linear(4 * c * h4 * w4, h)
+        self.img_norm = nn.LayerNorm(h)
+        self.z_fc = nn.Linear(embed_dim, h)
+        self.z_norm = nn.LayerNorm(h)
+        self.res_fc1 = nn.Linear(h, h)
+        self.res_norm1 = nn.LayerNorm(h)
+        self.res_fc2 = nn.Linear(h, h)
+        self.res_norm2 = nn.LayerNorm(h)
+        self.fuse_fc1 = nn.Linear(2 * h, h)
+        self.fuse_norm1 = nn.LayerNorm(h)
+        self.fuse_fc2 = nn.Linear(h, h)
+        self.fuse_norm2 = nn.LayerNorm(h)
+        self.out = nn.Linear(h, num_classes)
+
+    def _drop(self, a: torch.Tensor, masks: tuple[torch.Tensor, ...] | None, i: int) -> torch.Tensor:
+        if masks is not None:
+            return a * masks[i]  # masks are keep-masks already scaled by 1 / (1 - p)
+        return F.dropout(a, self.p, self.training)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, masks: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        a = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        a = self._drop(a, masks, 0)
+        a = self._drop(F.relu(self.conv2(a)), masks, 1)
+        a = F.max_pool2d(F.relu(self.conv3(a)), 2)
+        a = self._drop(a, masks, 2)
+        img = self.img_norm(self.img_fc(a.flatten(-3)))
+        lab = F.relu(self.z_norm(self.z_fc(z)))
+        lab = lab + self.res_norm2(self.res_fc2(F.relu(self.res_norm1(self.res_fc1(lab)))))
+        f = torch.cat([img, lab], dim=-1)
+        f = F.relu(self.fuse_norm1(self.fuse_fc1(f)))
+        f = F.relu(self.fuse_norm2(self.fuse_fc2(f)))
+        return self.out(f)
+
+
+class NoPropNet(nn.Module):
+    """T NoProp-DT blocks, the final classifier ``head`` and the class embeddings ``embed``."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, shape: NoPropShape = NoPropShape()) -> None:
+        super().__init__()
+        self.shape = shape
+        self.input_shape = input_shape
+        self.num_classes = num_classes
+        self.embed_dim = num_classes if shape.embed_dim is None else shape.embed_dim
+        self.embedding_learned = shape.embed_dim is not None
+        if self.embedding_learned:
+            w = torch.empty(num_classes, self.embed_dim)
+            nn.init.orthogonal_(w)
+            self.embed = nn.Parameter(w)
+        else:
+            self.register_buffer("embed", torch.eye(num_classes))
+        self.blocks = nn.ModuleList(
+            NoPropBlock(input_shape, num_classes, self.embed_dim, shape) for _ in range(shape.T)
+        )
+        self.head = nn.Linear(self.embed_dim, num_classes)  # p̂_θout(y | z_T) = softmax(head(z_T))
+
+    @property
+    def T(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def dropout(self) -> float:
+        return self.shape.dropout
+
+    def to_embedding(self, logits: torch.Tensor) -> torch.Tensor:
+        """û = softmax(logits) · W_Embed."""
+        return torch.softmax(logits, dim=-1) @ self.embed
+
+    def denoise(self, t: int, x: torch.Tensor, z: torch.Tensor, masks=None) -> torch.Tensor:
+        """Block t (1-based) predicts the clean label embedding û_θt(z_{t-1}, x)."""
+        return self.to_embedding(self.blocks[t - 1](x, z, masks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The BP twin: blocks chained end to end from z_0 = 0, then the head."""
+        z = x.new_zeros(x.shape[0], self.embed_dim)
+        for t in range(1, self.T + 1):
+            z = self.denoise(t, x, z)
+        return self.head(z)
+
+
+def parse_noprop(args: str) -> NoPropShape:
+    if not args:
+        return NoPropShape()
+    tokens = [tok.strip().lower() for tok in args.split(",") if tok.strip()]
+    values: dict = {}
+    try:
+        values["T"] = int(tokens[0])
+        for tok in tokens[1:]:
+            if tok == "onehot":
+                values["embed_dim"] = None
+            elif tok[0] == "c":
+                values["channels"] = int(tok[1:])
+            elif tok[0] == "h":
+                values["hidden"] = int(tok[1:])
+            elif tok[0] == "d":
+                values["embed_dim"] = int(tok[1:])
+            elif tok[0] == "p":
+                values["dropout"] = float(tok[1:])
+            else:
+                raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError("expected T then optional cC, hH, dD or onehot, pP tokens") from None
+    shape = NoPropShape(**values)
+    if not 1 <= shape.T <= 1000:
+        raise ValueError("T must be 1..1000")
+    if not 1 <= shape.channels <= 1024 or not 1 <= shape.hidden <= 65536:
+        raise ValueError("channels 1..1024 and hidden width 1..65536")
+    if shape.embed_dim is not None and not 1 <= shape.embed_dim <= 65536:
+        raise ValueError("embedding dimension 1..65536")
+    if not 0.0 <= shape.dropout < 1.0:
+        raise ValueError("dropout must be in [0, 1)")
+    return shape
+
+
+register_model(
+    "noprop",
+    parse_noprop,
+    lambda shape, data: NoPropNet(data.input_shape, data.num_classes, shape),
+    "noprop or noprop:T[,cC][,hH][,dD|onehot][,pP] (e.g. noprop:10,c8,h64,onehot,p0.2)",
+)
