@@ -175,6 +175,180 @@ def list_components() -> None:
     out.print("Models: " + "; ".join(model_names()))
 
 
+@contextmanager
+def runs_progress(enabled: bool = True):
+    """A rich progress bar over the runs of a suite or comparison; yields (on_plan, on_done)."""
+    state: dict[str, Any] = {}
+    if not enabled:
+        yield (lambda plan: None), (lambda task, outcome: None)
+        return
+    with Progress(
+        TextColumn("[bold]runs"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+
+        def on_plan(plan) -> None:
+            resume_n = sum(1 for t in plan.tasks if t.action == "resume")
+            console.print(
+                f"{plan.total} runs in {plan.output}: {len(plan.skipped)} already complete (skipped), "
+                f"{resume_n} to resume, {len(plan.tasks) - resume_n} new"
+            )
+            state["task"] = bar.add_task("runs", total=len(plan.tasks), last="")
+
+        def on_done(task, outcome) -> None:
+            if outcome.get("ok"):
+                acc = outcome.get("test_accuracy")
+                last = f"{task.label}: {outcome.get('status')}" + (f" {acc:.4f}" if acc is not None else "")
+            else:
+                last = f"{task.label}: FAILED"
+                console.print(f"[red]run failed[/red] {task.label} ({task.run_dir}): {outcome.get('error')}", highlight=False)
+            if "task" in state:
+                bar.update(state["task"], advance=1, last=last)
+
+        yield on_plan, on_done
+
+
+def print_report(report, full: bool = False) -> None:
+    from bpfree.report.render import rich_table
+
+    for data in report.tables[: (5 if full else 2)]:
+        out.print(rich_table(data))
+    for note in report.notes:
+        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    out.print(f"report: {report.markdown}  {report.html}")
+
+
+@app.command()
+def compare(
+    configs: list[Path] = typer.Option([], "--configs", "-c", help="config files or directories (default: configs/quick)"),
+    dataset: list[str] = typer.Option([], "--dataset", "-d", help="run the comparison on these datasets (repeatable; default: each config's own)"),
+    algorithm: list[str] = typer.Option([], "--algorithm", "-a", help="only these alternative algorithms (repeatable; default: all registered)"),
+    seeds: int = typer.Option(3, "--seeds", help="number of seeds per configuration"),
+    first_seed: int = typer.Option(0, "--first-seed", help="seeds are first-seed, first-seed+1, ..."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="override every config's epoch budget (per phase)"),
+    output: Path = typer.Option(Path("results/compare"), "--output", "-o", help="results directory (resumable: finished runs are kept)"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="runs in parallel, each in its own process"),
+    executor: str = typer.Option("local", "--executor", help="local (processes), inline (this process), submitit-local, debug"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default: each config's)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="directory with torchvision datasets"),
+    bp_config: Optional[Path] = typer.Option(None, "--bp-config", help="BP config whose optimizer/lr/weight_decay/momentum the derived BP twins use (e.g. a tuned one)"),
+    set_: list[str] = typer.Option([], "--set", help="any field for every run as key=value"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Each alternative algorithm next to BP on the identical architecture: runs, table and report."""
+    import time
+
+    from bpfree.protocol.compare import compare as run_compare, seed_list
+
+    start = time.perf_counter()
+    common = {"device": device, "data_root": str(data_root) if data_root else None}
+    with runs_progress(not quiet) as (on_plan, on_done):
+        outcome = run_compare(
+            configs=configs or None,
+            output=output,
+            seeds=seed_list(seeds, first_seed),
+            datasets=dataset,
+            algorithms=algorithm,
+            epochs=epochs,
+            jobs=jobs,
+            executor=executor,
+            assignments=set_,
+            bp_config=bp_config,
+            common=common,
+            on_plan=on_plan,
+            on_done=on_done,
+        )
+    print_report(outcome.report)
+    out.print(f"compare took {time.perf_counter() - start:.0f} s")
+    if outcome.suite.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def tune(
+    config: Path = typer.Argument(..., help="the config to tune (never modified)"),
+    trials: int = typer.Option(20, "--trials", "-n", help="trials for this study (the same for every algorithm)"),
+    epochs: int = typer.Option(10, "--epochs", help="epochs per trial (the same for every algorithm)"),
+    output: Path = typer.Option(Path("results/tune"), "--output", "-o", help="where trial runs, the default SQLite file and the tuned YAML go"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="sqlite:///f.db (default <output>/optuna.db), journal:<file>, or a database URL"),
+    study_name: Optional[str] = typer.Option(None, "--study-name", help="default: <config stem>-<config key>"),
+    seed: int = typer.Option(0, "--seed", help="TPE sampler seed"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="tuned YAML (default <output>/<config stem>.tuned.yaml)"),
+    set_: list[str] = typer.Option([], "--set", help="override config fields as key=value before tuning"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Optuna TPE over the algorithm's search space; objective: best validation accuracy."""
+    from bpfree.protocol.tune import tune as run_tune
+
+    def on_trial(number: int, value: float, params: dict[str, Any]) -> None:
+        if not quiet:
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+            console.print(f"trial {number}: val {value:.4f}  {shown}", highlight=False)
+
+    result = run_tune(config, trials, epochs, output, storage, study_name, seed, out_path, set_, on_trial)
+    out.print(
+        f"study {result.study_name} ({result.storage}): {result.completed} trials x {result.epochs} epochs; "
+        f"best trial {result.best_trial}: best_val_accuracy {result.best_value:.4f}"
+    )
+    out.print("best: " + ", ".join(f"{k}={v}" for k, v in result.best_params.items()))
+    out.print(f"tuned config: {result.tuned_path}")
+
+
+@app.command()
+def suite(
+    suite_file: Path = typer.Argument(..., help="suite YAML: configs, seeds, overrides, output"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="results directory (default: the suite's, else results/<suite stem>)"),
+    executor: str = typer.Option("local", "--executor", help="local, inline, slurm, submitit-local or debug"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="local: runs in parallel (one process each); slurm: array parallelism"),
+    set_: list[str] = typer.Option([], "--set", help="override a field in every config, key=value"),
+    partition: Optional[str] = typer.Option(None, help="slurm partition"),
+    account: Optional[str] = typer.Option(None, help="slurm account"),
+    gpus: Optional[int] = typer.Option(None, help="GPUs per job"),
+    time_min: Optional[int] = typer.Option(None, "--time-min", help="job time limit in minutes"),
+    cpus: Optional[int] = typer.Option(None, help="CPUs per job"),
+    mem_gb: Optional[float] = typer.Option(None, "--mem-gb", help="memory per job (GB)"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for submitted jobs"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show what would run, run nothing"),
+    report: bool = typer.Option(True, "--report/--no-report", help="write report.md/html when done"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Run configs x seeds once each; finished runs are skipped and interrupted ones resumed."""
+    from bpfree.protocol.suite import SlurmOptions, run_suite
+    from bpfree.report.render import write_report
+
+    options = SlurmOptions(partition, account, gpus, time_min, cpus, mem_gb)
+    with runs_progress(not quiet or dry_run) as (on_plan, on_done):
+        outcome = run_suite(
+            suite_file, output, set_, None, executor, jobs, options, wait, on_plan=on_plan, on_done=on_done, dry_run=dry_run
+        )
+    if dry_run:
+        for task in outcome.plan.tasks:
+            out.print(f"{task.action:6s} {task.label}  {task.run_dir}")
+        return
+    if outcome.job_ids:
+        out.print(f"submitted {len(outcome.job_ids)} jobs: {', '.join(outcome.job_ids[:5])}{' ...' if len(outcome.job_ids) > 5 else ''}")
+    if report and outcome.plan.total and (wait or executor in ("local", "inline")):
+        print_report(write_report(outcome.plan.output))
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    results_dir: Path = typer.Argument(..., help="a results directory (holds <run_id>/result.json)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="where report.md, report.html and figures/ go (default: results_dir)"),
+    full: bool = typer.Option(False, "--full", help="also print the runs, environment and deviations tables"),
+) -> None:
+    """Rebuild tables and plots from stored results alone."""
+    from bpfree.report.render import write_report
+
+    print_report(write_report(results_dir, out_dir), full=full)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -113,6 +113,8 @@ def _format_validation_error(error: ValidationError, source: str | None = None, 
     parts = []
     for item in error.errors():
         location = prefix + (".".join(str(p) for p in item["loc"]) or "config")
+        if not location.isprintable():  # keep the message on one line whatever the key holds
+            location = location.encode("unicode_escape").decode()
         message = item["msg"].removeprefix("Value error, ")
         if message.startswith("field '"):  # already formatted by a nested validator
             parts.append(message)

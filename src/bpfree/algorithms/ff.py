@@ -293,19 +293,24 @@ class ForwardForward(Algorithm):
         return out
 
     # -- inference ------------------------------------------------------------------------------
-    def _head_logits(self, x: torch.Tensor, top: int) -> torch.Tensor:
-        """The softmax head on detached, normalised activities of neutral-label x, layers 2..top+1."""
+    def head_features(self, x: torch.Tensor, top: int) -> torch.Tensor:
+        """The softmax head's input: normalised activities of layers 2..top+1 for neutral-label x.
+
+        Computed without gradients (the features are detached); it takes no label, so none can leak.
+        """
         with torch.no_grad():
             z = self._neutral(x)
             features = []
-            read = set(range(1, top + 1)) if self._depth > 1 else {0}
+            read = range(1, top + 1) if self._depth > 1 else range(1)
             for i in range(top + 1):
                 z = _rms_normalise(F.relu(self._linears[i](z)))
                 if i in read:
                     features.append(z)
-            features = torch.cat(features, dim=1) if len(features) > 1 else features[0]
-        weight = self.aux["head"].weight
-        return F.linear(features, weight[:, : features.shape[1]])
+            return torch.cat(features, dim=1) if len(features) > 1 else features[0]
+
+    def _head_logits(self, x: torch.Tensor, top: int) -> torch.Tensor:
+        features = self.head_features(x, top)
+        return F.linear(features, self.aux["head"].weight[:, : features.shape[1]])
 
     def goodness_scores(self, x: torch.Tensor, top: int | None = None) -> torch.Tensor:
         """B x C accumulated goodness for every candidate label, in one pass of C*B rows."""

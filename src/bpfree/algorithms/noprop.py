@@ -182,10 +182,10 @@ class NoProp(Algorithm):
 
     # -- randomness -----------------------------------------------------------------------------
     def _draw(self, n_blocks: int, batch: int, like: torch.Tensor):
-        """Noise for z_{t-1} (n_blocks, B, d), for z_T (B, d), and dropout keep-masks per site."""
+        """Noise for z_{t-1} and for z_T (each n_blocks x B x d), and dropout keep-masks per site."""
         g = self.generator
         eps = torch.randn(n_blocks, batch, self.d, generator=g, device=g.device, dtype=like.dtype)
-        eps_T = torch.randn(batch, self.d, generator=g, device=g.device, dtype=like.dtype)
+        eps_T = torch.randn(n_blocks, batch, self.d, generator=g, device=g.device, dtype=like.dtype)
         masks = None
         keep = 1.0 - self.model.dropout
         if self.model.dropout > 0 and self.model.training:
@@ -215,16 +215,16 @@ class NoProp(Algorithm):
         kl = kl_to_standard_normal(u, self._kl_ab0).mean()
         return ce, kl
 
-    def _parallel_block_losses(self, x, y, eps, masks) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.model
-        template = model.blocks[0]
-        u = model.embed[y]
+    def _parallel_block_losses(self, x, y, eps, masks, embed) -> tuple[torch.Tensor, torch.Tensor]:
+        """All T blocks' weighted and raw L2 terms in one vmap'd call; ``embed`` is C x d or T x C x d."""
+        template = self.model.blocks[0]
+        u = embed[..., y, :]  # [B, d] or [T, B, d]
         z = self._sqrt_ab_prev * u + self._sqrt_1mab_prev * eps  # [T, B, d]
         if masks is None:
             logits = vmap(lambda prm, zt: functional_call(template, prm, (x, zt)))(self._stacked, z)
         else:
             logits = vmap(lambda prm, zt, mt: functional_call(template, prm, (x, zt, mt)))(self._stacked, z, masks)
-        u_hat = model.to_embedding(logits)  # [T, B, d]
+        u_hat = torch.softmax(logits, dim=-1) @ embed  # [T, B, d]
         sq = (u_hat - u).pow(2).sum(-1).mean(-1)  # [T]
         return self._w_stack * sq, sq
 
@@ -232,49 +232,68 @@ class NoProp(Algorithm):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)  # idle parameters keep grad None: no momentum/decay drift
+        self._step += 1
         if self.params.loop == "paper":
-            out = self._paper_step(x, y)
-        elif self.parallel:
-            eps, eps_T, masks = self._draw(self.T, x.shape[0], x)
-            weighted, sq = self._parallel_block_losses(x, y, eps, masks)
-            ce, kl = self._out_loss(y, eps_T)
-            l2 = weighted.sum()
-            (l2 + ce + kl).backward()
-            out = {"l2": l2.detach(), "mse": sq.detach().mean(), "ce": ce.detach(), "kl": kl.detach()}
+            return self._paper_step(x, y)
+        model, T = self.model, self.T
+        learned = model.embedding_learned
+        eps, eps_T, masks = self._draw(T, x.shape[0], x)
+        # 1. Every block t takes one step on its own L2 term. The gradient each block's term gives a
+        #    learned W_Embed is kept per block (g_embed[t]) for the T shared steps below.
+        if self.parallel:
+            embed = model.embed.detach().expand(T, *model.embed.shape).clone().requires_grad_(True) if learned else model.embed
+            weighted, sq = self._parallel_block_losses(x, y, eps, masks, embed)
+            weighted.sum().backward()
+            g_embed = embed.grad if learned else None
+            l2, mse = weighted.detach().mean(), sq.detach().mean()
         else:
-            eps, eps_T, masks = self._draw(self.T, x.shape[0], x)
+            grads = []
             l2 = torch.zeros((), device=x.device, dtype=x.dtype)
             mse = torch.zeros((), device=x.device, dtype=x.dtype)
-            for t in range(1, self.T + 1):  # backward per block: one block's activations alive at a time
+            for t in range(1, T + 1):  # backward per block: one block's activations alive at a time
                 masks_t = None if masks is None else tuple(m[t - 1] for m in masks)
                 weighted, sq = self._block_loss(t, x, y, eps[t - 1], masks_t)
                 weighted.backward()
-                l2 = l2 + weighted.detach()
-                mse = mse + sq.detach()
-            ce, kl = self._out_loss(y, eps_T)
-            (ce + kl).backward()
-            out = {"l2": l2, "mse": mse / self.T, "ce": ce.detach(), "kl": kl.detach()}
-        if self.params.loop != "paper":
-            for opt in self.optimizers.values():
+                if learned:
+                    grads.append(model.embed.grad)
+                    model.embed.grad = None
+                l2 = l2 + weighted.detach() / T
+                mse = mse + sq.detach() / T
+            g_embed = torch.stack(grads) if learned else None
+        for key, opt in self.optimizers.items():
+            if key != "out":
                 opt.step()
-        self._step += 1
-        out["loss"] = out["l2"] + out["ce"] + out["kl"]
-        return out
+        # 2. The shared head (and W_Embed) take T steps, the t-th on block t's loss L_t: CE on a fresh
+        #    z_T ~ q(z_T | y) + KL (+ block t's L2 gradient for W_Embed), as the paper's loop does.
+        out_opt = self.optimizers["out"]
+        ce_sum = torch.zeros((), device=x.device, dtype=x.dtype)
+        for t in range(1, T + 1):
+            out_opt.zero_grad(set_to_none=True)
+            ce, kl = self._out_loss(y, eps_T[t - 1])
+            (ce + kl).backward()
+            if learned:
+                model.embed.grad += g_embed[t - 1]
+            out_opt.step()
+            ce_sum = ce_sum + ce.detach()
+        ce = ce_sum / T
+        kl = kl.detach()
+        return {"loss": l2 + ce + kl, "l2": l2, "mse": mse, "ce": ce, "kl": kl}
 
     def current_block(self) -> int:
-        """loop=paper: the block (1-based) trained in the current engine epoch."""
-        return (self._step // self._steps_per_epoch) % self.T + 1
+        """loop=paper: the block (1-based) the current step trains (one engine epoch per block)."""
+        return ((self._step - 1) // self._steps_per_epoch) % self.T + 1
 
     def _paper_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         t = self.current_block()
         eps, eps_T, masks = self._draw(1, x.shape[0], x)
         masks_t = None if masks is None else tuple(m[0] for m in masks)
         weighted, sq = self._block_loss(t, x, y, eps[0], masks_t)
-        ce, kl = self._out_loss(y, eps_T)
+        ce, kl = self._out_loss(y, eps_T[0])
         (weighted + ce + kl).backward()
         self.optimizers[f"block{t}"].step()
         self.optimizers["out"].step()
-        return {"l2": weighted.detach(), "mse": sq.detach(), "ce": ce.detach(), "kl": kl.detach()}
+        l2, ce, kl = weighted.detach(), ce.detach(), kl.detach()
+        return {"loss": l2 + ce + kl, "l2": l2, "mse": sq.detach(), "ce": ce, "kl": kl}
 
     # -- inference ------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Experiment protocols on top of single runs: suites (configs x seeds), tuning, BP-twin comparisons."""

@@ -1,0 +1,225 @@
+"""`bpfree compare`: every alternative algorithm next to backprop on the identical architecture.
+
+The comparison set is a directory (or list) of config files, by default ``configs/quick/``. Each
+config whose algorithm is not ``bp`` is an *alternative*; its *BP twin* is:
+
+- an explicit BP config in the set with the same dataset and model, if there is one; otherwise
+- derived from the alternative: the same dataset, model, epochs, batch sizes, patience, seed,
+  validation split and device, with ``algorithm: bp``, no algorithm params, and BP's own
+  optimiser settings (``optimizer``, ``lr``, ``weight_decay``, ``momentum``), taken from
+  ``--bp-config`` (e.g. a file written by ``bpfree tune``) or else the RunConfig defaults.
+
+Twins equal in every field are one run (the config key decides), so two CaFo variants on the
+same network share one BP twin. Runs go through the suite machinery (resumable, one process per
+run), then the report is written from the stored results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bpfree.config import RunConfig, build_config, read_yaml_mapping
+from bpfree.errors import ConfigError, UserError
+from bpfree.protocol.suite import Plan, SuiteEntry, SuiteOutcome, Task, apply_assignments, execute_plan, expand, make_plan
+
+BP = "bp"
+BP_RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "momentum")
+DEFAULT_SEEDS = 3
+
+
+def default_configs_dir() -> Path:
+    """``./configs/quick`` if present, else the repository's (for an editable install)."""
+    here = Path("configs") / "quick"
+    if here.is_dir():
+        return here
+    repo = Path(__file__).resolve().parents[3] / "configs" / "quick"
+    if repo.is_dir():
+        return repo
+    raise UserError("no configs/quick directory here; run from the bpfree repository or pass --configs DIR")
+
+
+def config_files(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"--configs {path}: not found")
+    if not files:
+        raise UserError(f"--configs {', '.join(map(str, paths))}: no YAML config files")
+    return files
+
+
+def bp_recipe(path: Path | None) -> dict[str, Any]:
+    """BP's own optimiser settings: from a BP config file, else the RunConfig defaults."""
+    defaults = RunConfig.model_fields
+    recipe = {name: defaults[name].default for name in BP_RECIPE_FIELDS}
+    if path is not None:
+        values = read_yaml_mapping(path)
+        if values.get("algorithm", BP) != BP:
+            raise UserError(f"--bp-config {path}: algorithm is {values.get('algorithm')!r}, expected bp")
+        recipe.update({k: values[k] for k in BP_RECIPE_FIELDS if k in values})
+    return recipe
+
+
+def derive_twin(alternative: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    """The BP twin of an alternative's config mapping (see the module docstring)."""
+    twin = {k: v for k, v in alternative.items() if k not in ("params", "name", *BP_RECIPE_FIELDS)}
+    twin.update(algorithm=BP, params={}, **recipe)
+    return twin
+
+
+@dataclass
+class ComparisonSet:
+    alternatives: list[SuiteEntry]
+    baselines: list[SuiteEntry]  # explicit and derived BP configs
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def entries(self) -> list[SuiteEntry]:
+        return self.baselines + self.alternatives
+
+
+def _registered() -> list[str]:
+    from bpfree.algorithms import algorithm_names
+
+    return algorithm_names()
+
+
+def _model_known(model: Any) -> bool:
+    from bpfree.models import parse_model_spec
+
+    try:
+        parse_model_spec(str(model))
+        return True
+    except ValueError:
+        return False
+
+
+def build_set(
+    paths: Sequence[Path],
+    datasets: Sequence[str] = (),
+    algorithms: Sequence[str] = (),
+    epochs: int | None = None,
+    assignments: Sequence[str] = (),
+    bp_config: Path | None = None,
+    common: dict[str, Any] | None = None,
+) -> ComparisonSet:
+    """Read the comparison configs, apply selections and overrides, and pair each with a BP twin."""
+    registered = _registered()
+    recipe = bp_recipe(bp_config)
+    unknown = sorted(set(algorithms) - set(registered))
+    if unknown:
+        raise UserError(f"--algorithm {', '.join(unknown)}: not registered; choose from {', '.join(a for a in registered if a != BP)}")
+    notes: list[str] = []
+    alternatives: list[tuple[Path, dict[str, Any]]] = []
+    explicit_bp: list[tuple[Path, dict[str, Any]]] = []
+    for path in config_files(paths):
+        values = read_yaml_mapping(path)
+        name = values.get("algorithm", BP)
+        if name not in registered:
+            notes.append(f"skipped {path.name}: algorithm {name!r} is not registered in this installation")
+            continue
+        if not _model_known(values.get("model", RunConfig.model_fields["model"].default)):
+            notes.append(f"skipped {path.name}: model {values.get('model')!r} is not registered in this installation")
+            continue
+        if name == BP:
+            explicit_bp.append((path, values))
+        elif not algorithms or name in algorithms:
+            alternatives.append((path, values))
+    if not alternatives:
+        raise UserError("nothing to compare: no registered alternative algorithm among the selected configs")
+
+    def finish(values: dict[str, Any], dataset: str | None) -> dict[str, Any]:
+        values = dict(values)
+        if dataset is not None:
+            values["dataset"] = dataset
+        if epochs is not None:
+            values["epochs"] = epochs
+        values.update({k: v for k, v in (common or {}).items() if v is not None})
+        return apply_assignments(values, assignments)
+
+    alt_entries: list[SuiteEntry] = []
+    bp_entries: list[SuiteEntry] = []
+    for dataset in list(datasets) or [None]:
+        for path, values in alternatives:
+            alt = finish(values, dataset)
+            alt.setdefault("name", path.stem)
+            _validate(alt, str(path))
+            alt_entries.append(SuiteEntry(str(path), alt))
+            twins = [
+                (bp_path, finished)
+                for bp_path, bp_values in explicit_bp
+                for finished in [finish(bp_values, dataset)]
+                if _field(finished, "dataset") == _field(alt, "dataset") and _field(finished, "model") == _field(alt, "model")
+            ]
+            if twins:
+                twin, source = twins[0][1], str(twins[0][0])
+            else:
+                twin, source = derive_twin(alt, recipe), f"BP twin of {path.name}"
+            _validate(twin, source)
+            bp_entries.append(SuiteEntry(source, twin))
+    return ComparisonSet(alt_entries, bp_entries, notes)
+
+
+def _field(values: dict[str, Any], name: str) -> Any:
+    return values.get(name, RunConfig.model_fields[name].default)
+
+
+def _validate(values: dict[str, Any], source: str) -> None:
+    try:
+        build_config(values, source=source)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+@dataclass
+class CompareOutcome:
+    plan: Plan
+    suite: SuiteOutcome
+    notes: list[str]
+    report: Any  # bpfree.report.render.Report
+
+
+def seed_list(n: int, first: int = 0) -> list[int]:
+    if n < 1:
+        raise UserError(f"--seeds {n}: need at least 1 seed")
+    return list(range(first, first + n))
+
+
+def compare(
+    configs: Sequence[Path] | None = None,
+    output: Path = Path("results/compare"),
+    seeds: Sequence[int] = (0, 1, 2),
+    datasets: Sequence[str] = (),
+    algorithms: Sequence[str] = (),
+    epochs: int | None = None,
+    jobs: int = 1,
+    executor: str = "local",
+    assignments: Sequence[str] = (),
+    bp_config: Path | None = None,
+    common: dict[str, Any] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    on_done: Callable[[Task, dict[str, Any]], None] | None = None,
+) -> CompareOutcome:
+    from bpfree.report.render import write_notes, write_report
+
+    paths = list(configs) if configs else [default_configs_dir()]
+    cset = build_set(paths, datasets, algorithms, epochs, assignments, bp_config, common)
+    run_configs = expand(cset.entries, list(seeds), Path(output))
+    plan = make_plan(run_configs, Path(output))
+    if on_plan is not None:
+        on_plan(plan)
+    suite = execute_plan(plan, executor=executor, jobs=jobs, on_done=on_done)
+    notes = list(cset.notes)
+    for task, outcome in suite.failed:
+        notes.append(f"run failed: {task.label} ({task.run_dir.name}): {outcome.get('error')}")
+    write_notes(Path(output), notes, {"configs": [str(p) for p in paths], "seeds": list(seeds)})
+    report = write_report(Path(output), notes=notes)
+    return CompareOutcome(plan, suite, notes, report)

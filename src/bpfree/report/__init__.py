@@ -1,0 +1,1 @@
+"""Reports built from stored results only: aggregate (numbers) -> plots (figures) -> render (files)."""
