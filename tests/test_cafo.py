@@ -412,6 +412,25 @@ def test_engine_closed_form_mse_and_simultaneous_schedule():
     assert result["test_accuracy"] > 0.8
 
 
+class Interrupt(Exception):
+    pass
+
+
+def test_dfa_run_resumes_mid_phase_to_the_same_result(tmp_path):
+    cfg = quick_config(model="cnn3:2,4,8", checkpoint=True, params={"variant": "dfa", "dfa_epochs": 3})
+
+    def interrupt(info):
+        if info["phase"] == "dfa" and info["epoch"] == 2:
+            raise Interrupt  # the checkpoint after dfa epoch 1 is on disk
+
+    with pytest.raises(Interrupt):
+        Engine(cfg, run_dir=tmp_path, progress=interrupt).run()
+    resumed = Engine(cfg, run_dir=tmp_path).run()
+    straight = Engine(cfg).run()
+    assert resumed["resumed"] and resumed["test_accuracy"] == straight["test_accuracy"]
+    assert [p["best_val_accuracy"] for p in resumed["phases"]] == [p["best_val_accuracy"] for p in straight["phases"]]
+
+
 # -- accuracy on mnist5k against BP on the same cnn3 ---------------------------------------------
 
 # The shared budget: every phase (BP's one, each CaFo predictor, DFA) gets at most EPOCHS epochs.

@@ -156,6 +156,31 @@ def resume(
     out.print(f"result: {path / 'result.json'}")
 
 
+@app.command()
+def bench(
+    dataset: str = typer.Option("mnist5k", help="dataset to time on"),
+    epochs: int = typer.Option(3, min=1, help="timed epochs per case (after one warm-up epoch)"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    only: list[str] = typer.Option([], "--only", help="restrict to these case labels or algorithms"),
+    write: Optional[Path] = typer.Option(None, "--write", help="update the generated block of this BENCHMARKS.md"),
+) -> None:
+    """Throughput of each algorithm next to its BP twin, against the measured matmul peak."""
+    from bpfree.bench import DEFAULT_CASES, markdown, run_bench, write_benchmarks_md
+
+    wanted = {name.lower() for name in only}
+    cases = tuple(c for c in DEFAULT_CASES if not wanted or c.label.lower() in wanted or c.algorithm in wanted)
+    if not cases:
+        raise UserError(f"--only {' '.join(only)}: matches no case; cases are {', '.join(c.label for c in DEFAULT_CASES)}")
+    with console.status("benchmarking") as status:
+        report = run_bench(cases, dataset, epochs, device, progress=lambda text: status.update(f"benchmarking {text}"))
+    command = "bpfree bench " + " ".join(sys.argv[2:])
+    section = markdown(report, command.strip())
+    print(section)
+    if write is not None:
+        write_benchmarks_md(write, section)
+        out.print(f"updated {write}")
+
+
 @app.command("list")
 def list_components() -> None:
     """List algorithms, datasets and model forms."""

@@ -322,6 +322,8 @@ class CascadedForward(Algorithm):
             for block in self.model.blocks:
                 h = block(h)
             return self.aux["dfa_head"](h.flatten(1))
+        if self._gram:  # safety net: an accumulation epoch that never reached its solving step
+            self._solve()
         feats = self._features(x, max(self._readout))
         predictors = self.aux["predictors"]
         return torch.stack([self._block_scores(predictors[k](feats[k])) for k in self._readout]).sum(0)

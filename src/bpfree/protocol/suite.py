@@ -375,7 +375,7 @@ def _run_inline(tasks: Sequence[Task], on_done: Callback) -> None:
 def _run_local(tasks: Sequence[Task], jobs: int, on_done: Callback) -> None:
     """Each run in its own process (a fresh child per run), at most ``jobs`` at a time."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["bpfree.runner"])  # children fork from a server with torch imported
+    context.set_forkserver_preload(["bpfree.protocol.warm"])  # children fork from a warm server
     kwargs: dict[str, Any] = {"max_workers": max(1, jobs), "mp_context": context}
     if sys.version_info >= (3, 11):
         kwargs["max_tasks_per_child"] = 1
