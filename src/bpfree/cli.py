@@ -73,13 +73,12 @@ def format_flops(value: float | None) -> str:
 
 def result_table(results: list[dict[str, Any]], title: str = "Results") -> Table:
     table = Table(title=title)
-    for column in ("run", "algorithm", "model", "status", "test acc", "epochs", "train s", "eval s", "train FLOPs", "peak mem", "energy"):
-        table.add_column(column)
+    for column in ("algorithm", "model", "status", "test acc", "epochs", "train s", "eval s", "train FLOPs", "peak mem", "energy"):
+        table.add_column(column, no_wrap=True)
     for r in results:
         energy = f"{r['energy_j']:.1f} J" if r.get("energy_j") is not None else "null"
         acc = f"{r['test_accuracy']:.4f}" if r.get("test_accuracy") is not None else "—"
         table.add_row(
-            r["run_id"],
             r["algorithm"],
             r["model"],
             r["status"],

@@ -104,6 +104,13 @@ class Engine:
         self.data: Splits = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.val_fraction).to(self.device)
         torch.manual_seed(self.seeds["model_init"])
         self.model = build_model(cfg.model, self.data.spec).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.data = self.data.with_images(lambda x: x.contiguous(memory_format=torch.channels_last))
+        if cfg.compile:
+            for block in self.model.blocks:
+                block.compile()
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
         self.data_generator = torch.Generator(device=self.device).manual_seed(self.seeds["data_order"])
         self.algorithm_generator = torch.Generator(device=self.device).manual_seed(self.seeds["algorithm"])
         settings = TrainSettings(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.optimizer, cfg.momentum)
@@ -181,7 +188,8 @@ class Engine:
         bs = self.cfg.eval_batch_size
         with torch.no_grad():
             for xb, yb in eval_batches(x, y, bs):
-                scores = flops.run((kind, self._phase_name(), xb.shape[0]), lambda xb=xb: self.algorithm.predict(xb))
+                with self.autocast:
+                    scores = flops.run((kind, self._phase_name(), xb.shape[0]), lambda xb=xb: self.algorithm.predict(xb))
                 correct += (scores.argmax(dim=1) == yb).sum()
         return correct.item() / max(1, x.shape[0])
 
@@ -216,7 +224,8 @@ class Engine:
                 timer.begin()
                 for step, (xb, yb) in enumerate(train_batches(self.data, self.cfg.batch_size, self.data_generator)):
                     kind = (phase.name, xb.shape[0], self.algorithm.flop_key())
-                    out = train_flops.run(kind, lambda xb=xb, yb=yb: self.algorithm.train_step(xb, yb))
+                    with self.autocast:
+                        out = train_flops.run(kind, lambda xb=xb, yb=yb: self.algorithm.train_step(xb, yb))
                     loss_sum += out["loss"]
                 train_s = timer.end()
                 energy = self.energy.end()

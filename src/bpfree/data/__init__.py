@@ -49,6 +49,9 @@ class Splits:
         move = {f: getattr(self, f).to(device) for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
         return replace(self, **move)
 
+    def with_images(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> Splits:
+        return replace(self, train_x=transform(self.train_x), val_x=transform(self.val_x), test_x=transform(self.test_x))
+
     @property
     def device(self) -> torch.device:
         return self.train_x.device
