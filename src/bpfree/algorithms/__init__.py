@@ -8,6 +8,7 @@ import pkgutil
 from bpfree.algorithms.base import Algorithm
 
 _ALGORITHMS: dict[str, type[Algorithm]] = {}
+_all_imported = False
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
@@ -17,18 +18,21 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
 
 def _import_all() -> None:
     # Every sibling module registers itself on import; adding an algorithm = adding a file.
+    # A flag, not "registry empty": one module imported directly must not hide the others.
+    global _all_imported
+    if _all_imported:
+        return
     for info in pkgutil.iter_modules(__path__):
         if info.name != "base":
             importlib.import_module(f"{__name__}.{info.name}")
+    _all_imported = True
 
 
 def algorithm_names() -> list[str]:
-    if not _ALGORITHMS:
-        _import_all()
+    _import_all()
     return sorted(_ALGORITHMS)
 
 
 def get_algorithm(name: str) -> type[Algorithm]:
-    if not _ALGORITHMS:
-        _import_all()
+    _import_all()
     return _ALGORITHMS[name]

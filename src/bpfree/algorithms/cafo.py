@@ -13,7 +13,8 @@ Variants (``params.variant``):
   through the blocks in train mode with a cumulative average (``momentum=None``, as
   ``torch.optim.swa_utils.update_bn``) and then freezes the running statistics; its cost counts
   as training. ``identity`` keeps the initial running statistics (mean 0, variance 1), i.e. BN is
-  the identity up to eps, as the prior study did.
+  the identity up to eps, as the prior study did. (The calibration phase's validation accuracy is
+  that of the untrained, all-zero predictors: chance; it trains nothing that validation could judge.)
 - ``dfa``: a first phase ``dfa`` trains the blocks by Direct Feedback Alignment (Noekland 2016).
   One forward pass through the blocks (each block's input detached), an auxiliary linear head
   (``aux.dfa_head``) on the last block's flattened output, the global error
