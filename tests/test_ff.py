@@ -96,7 +96,7 @@ def test_positive_and_negative_overlays_carry_true_and_wrong_labels():
 # -- inference ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["mlp:3x16", "mlp:1x16"])
 def test_batched_goodness_equals_loop_over_labels(model):
-    alg = make_ff(model)
+    alg = make_ff(model, inference="goodness")
     x, y = toy_batch(8)
     for _ in range(3):
         alg.train_step(x, y)
@@ -118,7 +118,7 @@ def test_batched_goodness_equals_loop_over_labels(model):
 
 
 def test_layerwise_predict_reflects_the_phase():
-    alg = make_ff(schedule="layerwise")
+    alg = make_ff(schedule="layerwise", inference="goodness")
     assert [p.name for p in alg.phases()] == ["layer1", "layer2", "layer3"]
     x, _ = toy_batch(8)
     alg.eval_mode()
@@ -152,7 +152,7 @@ def test_no_gradient_crosses_layers(full_grad_relu):
 
 def test_softmax_head_adds_no_gradient_to_the_layers():
     x, y = toy_batch(16)
-    plain = without_optimizer_step(make_ff(seed=2))
+    plain = without_optimizer_step(make_ff(seed=2, inference="goodness"))
     headed = without_optimizer_step(make_ff(seed=2, inference="softmax"))
     headed.generator.set_state(plain.generator.get_state())
     plain_out = plain.train_step(x, y)
@@ -177,14 +177,16 @@ def test_softmax_head_sees_no_label():
         torch.testing.assert_close(alg.aux["head"].weight.grad, weight.grad)
     assert features.shape == (16, 32)  # layers 2..3 of mlp:3x16
     # labelled inputs would give other features: the test above would notice a leak
-    positive = rms_normalise(F.relu(alg.model.blocks[1][0](rms_normalise(F.relu(alg.model.blocks[0][0](overlay_reference(x, y)))))))
+    layer1, layer2 = alg.model.blocks[0][0], alg.model.blocks[1][0]
+    positive = rms_normalise(F.relu(layer2(rms_normalise(F.relu(layer1(overlay_reference(x, y)))))))
     assert not torch.allclose(positive, features[:, :16])
 
 
 def test_head_not_built_or_trained_unless_needed():
-    alg = make_ff()
+    alg = make_ff(inference="goodness")
     assert "head" not in alg.aux and len(alg.optimizers["ff"].param_groups) == 1
-    assert "head" in make_ff(train_head=True).aux
+    assert "head" in make_ff(inference="goodness", train_head=True).aux
+    assert "head" in make_ff().aux  # softmax inference is the default
     with pytest.raises(ConfigError, match="train_head"):
         build_config({"algorithm": "ff", "model": "mlp:2x16", "params": {"inference": "softmax", "train_head": False}})
     with pytest.raises(ConfigError, match="unknown algorithm parameter"):
@@ -236,6 +238,21 @@ def test_peer_normalisation_state_is_restored_with_the_weights():
     assert "peer" not in make_ff(peer_norm_weight=0.0).aux
 
 
+def test_state_round_trip_keeps_the_cooldown_step_and_peer_means():
+    alg = make_ff(schedule="layerwise")
+    alg.begin_phase(alg.phases()[2])
+    x, y = toy_batch(8)
+    for _ in range(7):
+        alg.train_step(x, y)
+    state = alg.state_dict()
+    fresh = make_ff(schedule="layerwise", seed=9)
+    fresh.begin_phase(fresh.phases()[2])  # what the engine does before loading a mid-phase checkpoint
+    fresh.load_state_dict(state)
+    assert fresh._step == 7 and fresh._layer == 2
+    assert torch.equal(fresh.aux["peer"].get(2), alg.aux["peer"].get(2))
+    assert fresh.optimizers["layer3"].param_groups[0]["base_lr"] == 1e-3
+
+
 # -- through the engine -------------------------------------------------------------------------
 def run(**overrides):
     values = {"algorithm": "ff", "dataset": "mnist5k", "model": "mlp:2x32", "epochs": 1, "batch_size": 100,
@@ -277,14 +294,20 @@ def test_flops_count_positive_and_negative_rows(inference):
 @pytest.mark.slow
 def test_ff_reaches_90_percent_on_mnist5k_next_to_bp():
     """FF and BP train the same mlp:3x1000 on real MNIST digits with the same epoch budget."""
-    common = {"dataset": "mnist5k", "model": "mlp:3x1000", "epochs": 30, "device": "cpu", "checkpoint": False}
-    ff = Engine(build_config({**common, **FF_MNIST5K})).run()
-    bp = Engine(build_config({**common, **BP_MNIST5K})).run()
+    common = {"dataset": "mnist5k", "model": "mlp:3x1000", "epochs": 15, "device": "cpu", "checkpoint": False}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: on a shared 2-core box two threads thrash (5x slower)
+    try:
+        ff = Engine(build_config({**common, **FF_MNIST5K})).run()
+        bp = Engine(build_config({**common, **BP_MNIST5K})).run()
+    finally:
+        torch.set_num_threads(threads)
     gap = bp["test_accuracy"] - ff["test_accuracy"]
     print(
         f"\nmnist5k mlp:3x1000 -- FF test {ff['test_accuracy']:.4f} ({ff['epochs_run']} epochs, "
         f"{ff['train_time_s']:.1f} s) | BP test {bp['test_accuracy']:.4f} ({bp['epochs_run']} epochs, "
-        f"{bp['train_time_s']:.1f} s) | gap BP-FF {gap * 100:+.2f} pp"
+        f"{bp['train_time_s']:.1f} s) | gap BP-FF {gap * 100:+.2f} pp | per-epoch time FF/BP "
+        f"{(ff['train_time_s'] / ff['epochs_run']) / (bp['train_time_s'] / bp['epochs_run']):.2f}"
     )
     assert ff["status"] == bp["status"] == "completed"
     assert ff["test_accuracy"] >= 0.90
@@ -292,6 +315,8 @@ def test_ff_reaches_90_percent_on_mnist5k_next_to_bp():
     assert ff["epochs_run"] <= 30 and bp["epochs_run"] <= 30
 
 
+# The FF settings of configs/quick/ff_mnist5k.yaml (15 epochs: the LR cooldown covers epochs 8..15);
+# BP gets the same model, epochs, batch size, optimiser and patience, with Adam's usual lr.
 FF_MNIST5K = {"algorithm": "ff", "batch_size": 50, "lr": 3e-3, "optimizer": "adam", "patience": 5,
               "params": {"inference": "softmax"}}
 BP_MNIST5K = {"algorithm": "bp", "batch_size": 50, "lr": 1e-3, "optimizer": "adam", "patience": 5}
