@@ -90,6 +90,8 @@ class Algorithm(ABC):
         SearchDim("lr", "log", 1e-5, 1e-2),
         SearchDim("weight_decay", "log", 1e-7, 1e-3),
     )
+    # False where the algorithm reads out through its own auxiliary parts and never trains the model's head.
+    uses_model_head: ClassVar[bool] = True
     # Model families this algorithm can train (prefixes of model specs).
     model_families: ClassVar[tuple[str, ...]] = ("mlp", "cnn3")
 
@@ -171,6 +173,9 @@ class Algorithm(ABC):
         del state
 
     def parameter_counts(self) -> dict[str, int]:
-        model = sum(p.numel() for p in self.model.parameters())
+        """Parameters this algorithm trains: the model's (its head only if used) and its auxiliary parts."""
+        head = self.model.head if not self.uses_model_head and hasattr(self.model, "head") else None
+        skip = {id(p) for p in head.parameters()} if head is not None else set()
+        model = sum(p.numel() for p in self.model.parameters() if id(p) not in skip)
         aux = sum(p.numel() for p in self.aux.parameters())
-        return {"model_params": model, "aux_params": aux}
+        return {"model_params": model, "aux_params": aux, "trained_params": model + aux}

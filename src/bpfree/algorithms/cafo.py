@@ -171,6 +171,7 @@ class CaFoParams(BaseModel):
 @register
 class CascadedForward(Algorithm):
     name = "cafo"
+    uses_model_head = False
     paper = "Zhao et al. 2023, Cascaded Forward (arXiv 2303.09728); DFA: Noekland 2016"
     deviations = (
         "gradient-trained predictors (ce, sl, mse with mse_solver=gradient) use mini-batches and the run's "

@@ -122,6 +122,7 @@ def _rms_normalise(z: torch.Tensor) -> torch.Tensor:
 @register
 class ForwardForward(Algorithm):
     name = "ff"
+    uses_model_head = False
     paper = "Hinton 2022, The Forward-Forward Algorithm (arXiv 2212.13345)"
     deviations = (
         "the shared model's default init (PyTorch Kaiming-uniform), not loeweX's N(0, 1/sqrt(out)) weights, zero biases",

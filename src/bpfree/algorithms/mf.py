@@ -39,6 +39,7 @@ class MonoForwardParams(BaseModel):
 @register
 class MonoForward(Algorithm):
     name = "mf"
+    uses_model_head = False
     paper = "Gong, Li & Abdulla 2025, Mono-Forward (arXiv 2501.09238)"
     deviations = (
         "stages stop early on validation accuracy and restore their best weights (prior study: local val CE, last epoch)",
