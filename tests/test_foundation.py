@@ -141,3 +141,17 @@ def test_bad_config_is_one_clear_line(tmp_path, content, needle):
     assert len(lines) == 1, err
     assert needle in lines[0] and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_grouped_convolution_backward_is_counted_once_per_group():
+    import torch
+
+    from bpfree.meters.flops import count_flops
+
+    groups, c_in, c_out, batch, size = 4, 8, 16, 2, 6
+    x = torch.randn(batch, c_in, size, size)
+    grouped = torch.nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups, bias=False)
+    flops = count_flops(lambda: grouped(x).sum().backward())
+    # forward, and the weight gradient, are both (c_in / groups) * c_out * 9 MACs per output pixel
+    per_pass = 2 * batch * size * size * (c_in // groups) * c_out * 9
+    assert flops == 2 * per_pass  # input does not require grad: forward + weight gradient only

@@ -255,8 +255,9 @@ def compare(
     first_seed: int = typer.Option(0, "--first-seed", help="seeds are first-seed, first-seed+1, ..."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="override every config's epoch budget (per phase)"),
     output: Path = typer.Option(Path("results/compare"), "--output", "-o", help="results directory (resumable: finished runs are kept)"),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="runs in parallel, each in its own process"),
+    jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="runs in parallel, each in its own process; 0 = auto (1 with a GPU or energy counter, else one per CPU core up to 4)"),
     executor: str = typer.Option("local", "--executor", help="local (processes), inline (this process), submitit-local, debug"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads per run (default: CPU cores / jobs)"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default: each config's)"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="directory with torchvision datasets"),
     bp_config: Optional[Path] = typer.Option(None, "--bp-config", help="BP config whose optimizer/lr/weight_decay/momentum the derived BP twins use (e.g. a tuned one)"),
@@ -285,6 +286,7 @@ def compare(
             common=common,
             on_plan=on_plan,
             on_done=on_done,
+            threads=threads,
         )
     print_report(outcome.report)
     out.print(f"compare took {time.perf_counter() - start:.0f} s")
@@ -328,7 +330,9 @@ def suite(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="results directory (default: the suite's, else results/<suite stem>)"),
     executor: str = typer.Option("local", "--executor", help="local, inline, slurm, submitit-local or debug"),
     jobs: int = typer.Option(1, "--jobs", "-j", help="local: runs in parallel (one process each); slurm: array parallelism"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="local: torch threads per run (default: CPU cores / jobs)"),
     set_: list[str] = typer.Option([], "--set", help="override a field in every config, key=value"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="override the suite's seeds: a count (3) or a list (0,1,2)"),
     partition: Optional[str] = typer.Option(None, help="slurm partition"),
     account: Optional[str] = typer.Option(None, help="slurm account"),
     gpus: Optional[int] = typer.Option(None, help="GPUs per job"),
@@ -345,9 +349,19 @@ def suite(
     from bpfree.report.render import write_report
 
     options = SlurmOptions(partition, account, gpus, time_min, cpus, mem_gb)
+    seed_list = None
+    if seeds is not None:
+        try:
+            values = [int(v) for v in seeds.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--seeds {seeds!r}: expected a count (3) or a comma-separated list (0,1,2)") from None
+        seed_list = list(range(values[0])) if len(values) == 1 and "," not in seeds else values
+        if not seed_list or len(set(seed_list)) != len(seed_list) or min(seed_list) < 0:
+            raise UserError(f"--seeds {seeds!r}: need distinct seeds >= 0")
     with runs_progress(not quiet or dry_run) as (on_plan, on_done):
         outcome = run_suite(
-            suite_file, output, set_, None, executor, jobs, options, wait, on_plan=on_plan, on_done=on_done, dry_run=dry_run
+            suite_file, output, set_, seed_list, executor, jobs, options, wait, on_plan=on_plan, on_done=on_done, dry_run=dry_run,
+            threads=threads,
         )
     if dry_run:
         for task in outcome.plan.tasks:
@@ -374,25 +388,15 @@ def report(
 
 
 def main() -> None:
+    # Typer handles usage errors itself (message + exit 2); user mistakes deeper down arrive as UserError.
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=True)
     except UserError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; an interrupted run continues with `bpfree resume <run_dir>`")
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":

@@ -12,9 +12,32 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-from torch.utils.flop_counter import FlopCounterMode
+import torch
+from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
 T = TypeVar("T")
+
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+    """torch's formula, with the weight gradient of a grouped convolution counted once, not ``groups`` times.
+
+    The stock formula ignores ``groups`` for grad_weight (it treats every input channel as feeding
+    every output channel); stacked per-block convolutions (NoProp's vmap'd blocks) are grouped.
+    """
+    args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    total = conv_backward_flop(*args, output_mask, out_val=out_shape)  # the registered wrapper takes out_val
+    if not output_mask[1] or groups == 1:
+        return total
+    grad_weight = conv_backward_flop(*args, [False, True, False], out_val=out_shape)
+    return total - grad_weight + grad_weight // groups
+
+
+_CUSTOM_FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+
+
+def flop_counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping=_CUSTOM_FORMULAS)
 
 
 class FlopLedger:
@@ -28,7 +51,7 @@ class FlopLedger:
         if kind in self._per_step:
             self.total += self._per_step[kind]
             return fn()
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             out = fn()
         flops = int(counter.get_total_flops())
         self._per_step[kind] = flops
@@ -38,6 +61,6 @@ class FlopLedger:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         fn()
     return int(counter.get_total_flops())
