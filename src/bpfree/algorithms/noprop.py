@@ -1,9 +1,9 @@
 """NoProp (Li, Teh & Pascanu 2025, arXiv 2503.24322): discrete-time variant NoProp-DT.
 
 Model: :mod:`bpfree.models.noprop_net` (T blocks û_θt(z_{t-1}, x), classifier ``head``, class
-embeddings ``embed`` = W_Embed). Notation (spec §5): the noising process runs from clean to noise
-backwards in t, q(z_t | y) = N(√ᾱ_t u_y, (1 - ᾱ_t) I) with ᾱ_0 ≈ 0 < ... < ᾱ_T ≈ 1, and
-SNR(t) = ᾱ_t / (1 - ᾱ_t) increasing in t.
+embeddings ``embed`` = W_Embed, and the noise schedule ᾱ_0..ᾱ_T, which the model owns so that the
+BP twin shares it). Notation (spec §5): q(z_t | y) = N(√ᾱ_t u_y, (1 - ᾱ_t) I) with
+ᾱ_0 ≈ 0 < ... < ᾱ_T ≈ 1 and SNR(t) = ᾱ_t / (1 - ᾱ_t) increasing in t.
 
 Loss of block t on a minibatch (paper Algorithm 1):
 
@@ -13,34 +13,39 @@ Loss of block t on a minibatch (paper Algorithm 1):
 with z_{t-1} ~ q(z_{t-1} | y) and z_T ~ q(z_T | y) drawn directly from their closed forms with the
 algorithm's generator: no forward propagation through earlier blocks, and no gradient crosses
 blocks (block t sees only sampled z, never another block's output). Every block has its own
-optimiser; the head and a learned W_Embed have theirs ("out").
+optimiser; the head and a learned W_Embed share one ("out"). L_t updates θ_t, head and W_Embed.
 
-Schedules of the paper's loop "for t: for minibatch" (``params.loop``):
-- ``joint`` (default): one engine step, on one minibatch, updates every block t from its own L2
-  term (independent noise per block), then the head/embeddings once from CE + KL (+ the blocks'
-  L2 gradients w.r.t. a learned W_Embed). Per engine epoch each block gets one pass over the data,
-  as in one t-iteration of the paper; the head gets one step per minibatch instead of T.
-  Equal to the paper's loop in expectation for the blocks (each block's update sees the same
-  distribution of (x, y, z)); not step-for-step equal for the shared head/embedding.
-- ``paper``: Algorithm 1's order. Engine epoch k trains only block t = (k mod T) + 1 for one pass
-  over the data (its L_t, including CE and KL, updates θ_t, head and W_Embed), so T engine epochs
-  are one paper epoch. Early stopping/validation still run per engine epoch.
+How the paper's loop "for t = 1..T: for each minibatch: step on L_t" maps onto engine steps
+(``params.loop``):
+- ``joint`` (default): one engine step, on one minibatch, (1) gives every block t one step on its
+  own L_t (independent noise per block; only L_t's L2 term depends on θ_t), then (2) gives the
+  shared head/W_Embed T steps, the t-th on L_t (CE on a fresh z_T sample + KL, plus block t's L2
+  gradient w.r.t. W_Embed computed in (1)). Per engine epoch every block and the head get exactly
+  the number of updates of one paper epoch, at the FLOP cost of one BP epoch of the same network.
+  Differences from the paper's order: the T block steps of a minibatch are taken with the same
+  W_Embed (the paper updates it between blocks), and the head's T steps reuse one minibatch's
+  labels with fresh noise (the paper's come from T different minibatches). Equal in expectation.
+- ``paper``: Algorithm 1's order exactly. Engine epoch k trains only block t = (k mod T) + 1 for
+  one pass over the data (each step on L_t updates θ_t, head and W_Embed), so T engine epochs are
+  one paper epoch. Validation and early stopping still run per engine epoch.
 
-Parallel training (``params.parallel``, joint loop only): the T blocks' parameters are stacked into
+Parallel training (``params.parallel``, joint loop): the T blocks' parameters are stacked into
 [T, ...] tensors (the blocks' own parameters become views of them, so the model, its state dict and
 the BP twin are unchanged) and one ``torch.func.vmap`` of ``functional_call`` computes all T
 forward/backward passes as batched (grouped) operators. A single elementwise optimiser (Adam,
-AdamW, SGD) on the stacked tensors is exactly T independent per-block optimisers with the same
-step count. ``parallel: false`` loops over the blocks, calling backward per block so that only one
-block's activations are alive at a time (NoProp's memory advantage); ``parallel: true`` keeps all T
-blocks' activations alive at once (speed for memory). Both give the same numbers for the same seed
-(same noise and dropout masks, drawn from the algorithm generator in the same order).
+AdamW, SGD) on the stacked tensors is exactly T independent per-block optimisers with one step
+count. ``parallel: false`` (default) loops over the blocks, calling backward per block so that only
+one block's activations are alive at a time (NoProp's memory advantage); ``parallel: true`` keeps
+all T blocks' activations alive at once (speed for memory: fewer, larger kernels, which pays on a
+GPU; on a CPU core it measured no faster). Both give the same numbers for the same seed (same noise
+and dropout masks, drawn from the algorithm generator in the same order). Note: torch's FLOP formula
+for a grouped convolution's backward counts grad_weight ``groups`` (= T) times over, so the engine's
+FLOP count of a parallel step is inflated (3.3x for noprop:10,c4) until the meter corrects it.
 
 Inference (paper Eq. 3, spec §5.7): z_0 ~ N(0, I), then for t = 1..T
-  z_t = a_t û_θt(z_{t-1}, x) + b_t z_{t-1} + √c_t ε_t,
-  a_t = √ᾱ_t (1 - α_{t-1}) / (1 - ᾱ_{t-1}), b_t = √α_{t-1} (1 - ᾱ_t) / (1 - ᾱ_{t-1}),
-  c_t = (1 - ᾱ_t)(1 - α_{t-1}) / (1 - ᾱ_{t-1}), α_{t-1} = ᾱ_{t-1} / ᾱ_t,
-and the class scores are head(z_T). ``inference: mean`` starts from z_0 = 0 and drops the noise.
+  z_t = a_t û_θt(z_{t-1}, x) + b_t z_{t-1} + √c_t ε_t
+(:meth:`NoPropNet.chain`), and the class scores are head(z_T). ``inference: mean`` starts from
+z_0 = 0 and drops the noise.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from torch.func import functional_call, vmap
 
 from bpfree.algorithms import register
 from bpfree.algorithms.base import Algorithm, SearchDim, make_optimizer
+from bpfree.models.noprop_net import snr
 
 
 class NoPropParams(BaseModel):
@@ -62,37 +68,11 @@ class NoPropParams(BaseModel):
 
     variant: Literal["dt"] = "dt"  # ct / fm would plug in here (one shared network with a time input)
     eta: float = Field(0.1, gt=0, le=1e3, description="η, weight of the SNR-difference L2 term (paper MNIST: 0.1)")
-    schedule: Literal["cosine", "linear"] = "cosine"
-    alpha_bar_clip: float = Field(1e-3, gt=0, lt=0.5, description="ᾱ_t is clipped to [clip, 1 - clip]")
     loop: Literal["joint", "paper"] = "joint"
-    parallel: bool = Field(True, description="joint loop: train the T blocks as one vmap'd call over stacked weights")
+    parallel: bool = Field(
+        False, description="loop=joint: train the T blocks as one vmap'd call over stacked weights (speed for memory)"
+    )
     inference: Literal["sample", "mean"] = "sample"
-
-
-def alpha_bar_schedule(T: int, kind: str = "cosine", clip: float = 1e-3) -> torch.Tensor:
-    """ᾱ_0..ᾱ_T (float64), increasing towards the clean label: ᾱ_0 ≈ 0, ᾱ_T ≈ 1."""
-    t = torch.arange(T + 1, dtype=torch.float64)
-    if kind == "cosine":
-        ab = torch.cos(0.5 * math.pi * (1.0 - t / T)) ** 2
-    elif kind == "linear":
-        ab = t / T
-    else:
-        raise ValueError(f"unknown schedule {kind!r}")
-    return ab.clamp(clip, 1.0 - clip)
-
-
-def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
-    return alpha_bar / (1.0 - alpha_bar)
-
-
-def posterior_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """a_t, b_t, c_t for t = 1..T (index t-1) of q(z_t | z_{t-1}, u_y) = N(a_t u_y + b_t z_{t-1}, c_t I)."""
-    ab_prev, ab = alpha_bar[:-1], alpha_bar[1:]
-    alpha_prev = ab_prev / ab  # α_{t-1}
-    a = ab.sqrt() * (1.0 - alpha_prev) / (1.0 - ab_prev)
-    b = alpha_prev.sqrt() * (1.0 - ab) / (1.0 - ab_prev)
-    c = (1.0 - ab) * (1.0 - alpha_prev) / (1.0 - ab_prev)
-    return a, b, c
 
 
 def kl_to_standard_normal(u: torch.Tensor, alpha_bar_0: float) -> torch.Tensor:
@@ -107,14 +87,16 @@ class NoProp(Algorithm):
     name = "noprop"
     paper = "Li, Teh & Pascanu 2025, NoProp (arXiv 2503.24322), variant DT"
     deviations = (
-        "loop=joint (default): each minibatch updates all T blocks (own losses, own optimisers) and the head/"
-        "embeddings once; the paper loops 'for t: for minibatch' with a head/embedding step per block step "
-        "(loop=paper reproduces that order, one block per engine epoch)",
-        "blocks use LayerNorm instead of BatchNorm and CPU-sized widths (c=8, h=64; model spec options)",
+        "loop=joint (default): per minibatch every block takes one step on its own L_t, then the shared head/W_Embed "
+        "take T steps (one per L_t) reusing that minibatch's labels with fresh z_T noise; the paper loops 'for t: for "
+        "minibatch' (loop=paper reproduces that order, one block per engine epoch)",
+        "loop=joint: the T block steps of a minibatch see the same W_Embed (the paper updates it between blocks)",
+        "blocks use LayerNorm instead of BatchNorm and CPU-sized widths (c=8, h=64 by default; model spec options)",
         "optimiser, lr and weight decay come from the run config (paper: AdamW, 1e-3, 1e-3; see configs/quick)",
-        "cosine schedule ᾱ_t = cos²(π/2 (1 - t/T)) clipped to [clip, 1-clip] (the paper's exact formula was not retrieved)",
+        "cosine schedule ᾱ_t = cos²(π/2 (1 - t/T)) squashed into [1e-3, 1 - 1e-3] "
+        "(the paper's exact formula was not retrieved)",
         "inference noise (z_0 and ε_t) comes from a fixed-seed generator reset at every predict call, so evaluation "
-        "is deterministic and does not consume training randomness; inference=mean drops the noise",
+        "is deterministic and does not consume training randomness; inference=mean uses z_0 = 0 and no noise",
         "dropout masks are drawn from the algorithm generator (so parallel and sequential runs agree)",
         "prototype class embeddings not implemented (one-hot fixed or learned orthogonal-init only)",
         "gradients reach a learned W_Embed also through the reparameterised samples z ~ q(z|y)",
@@ -133,12 +115,9 @@ class NoProp(Algorithm):
         self.T = model.T
         self.d = model.embed_dim
         device = model.embed.device
-        ab = alpha_bar_schedule(self.T, p.schedule, p.alpha_bar_clip)
-        self.alpha_bar = ab
+        ab = model.alpha_bar
         s = snr(ab)
         weights = 0.5 * self.T * p.eta * (s[1:] - s[:-1])  # block t at index t-1
-        a, b, c = posterior_coefficients(ab)
-        self._a, self._b, self._c = a.tolist(), b.tolist(), c.tolist()
         self._w = weights.tolist()
         self._sqrt_ab = ab.sqrt().tolist()
         self._sqrt_1mab = (1.0 - ab).sqrt().tolist()
@@ -187,11 +166,10 @@ class NoProp(Algorithm):
         eps = torch.randn(n_blocks, batch, self.d, generator=g, device=g.device, dtype=like.dtype)
         eps_T = torch.randn(n_blocks, batch, self.d, generator=g, device=g.device, dtype=like.dtype)
         masks = None
-        keep = 1.0 - self.model.dropout
-        if self.model.dropout > 0 and self.model.training:
+        if self.model.dropout > 0 and self.model.training:  # boolean keep-masks (1 byte per element)
+            keep = 1.0 - self.model.dropout
             masks = tuple(
-                (torch.rand(n_blocks, batch, *shape, generator=g, device=g.device, dtype=like.dtype) < keep).to(like.dtype)
-                / keep
+                torch.rand(n_blocks, batch, *shape, generator=g, device=g.device, dtype=like.dtype) < keep
                 for shape in self.model.blocks[0].mask_shapes
             )
         return eps, eps_T, masks
@@ -234,14 +212,16 @@ class NoProp(Algorithm):
             opt.zero_grad(set_to_none=True)  # idle parameters keep grad None: no momentum/decay drift
         self._step += 1
         if self.params.loop == "paper":
-            return self._paper_step(x, y)
+            return self._paper_step(x, y, self._block_of_step(self._step - 1))
         model, T = self.model, self.T
         learned = model.embedding_learned
         eps, eps_T, masks = self._draw(T, x.shape[0], x)
         # 1. Every block t takes one step on its own L2 term. The gradient each block's term gives a
         #    learned W_Embed is kept per block (g_embed[t]) for the T shared steps below.
         if self.parallel:
-            embed = model.embed.detach().expand(T, *model.embed.shape).clone().requires_grad_(True) if learned else model.embed
+            embed = model.embed
+            if learned:  # one copy per block, so the backward keeps each block's W_Embed gradient apart
+                embed = embed.detach().expand(T, *embed.shape).clone().requires_grad_(True)
             weighted, sq = self._parallel_block_losses(x, y, eps, masks, embed)
             weighted.sum().backward()
             g_embed = embed.grad if learned else None
@@ -279,12 +259,14 @@ class NoProp(Algorithm):
         kl = kl.detach()
         return {"loss": l2 + ce + kl, "l2": l2, "mse": mse, "ce": ce, "kl": kl}
 
-    def current_block(self) -> int:
-        """loop=paper: the block (1-based) the current step trains (one engine epoch per block)."""
-        return ((self._step - 1) // self._steps_per_epoch) % self.T + 1
+    def _block_of_step(self, step: int) -> int:
+        return (step // self._steps_per_epoch) % self.T + 1
 
-    def _paper_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        t = self.current_block()
+    def current_block(self) -> int:
+        """loop=paper: the block (1-based) the next step trains (one engine epoch per block)."""
+        return self._block_of_step(self._step)
+
+    def _paper_step(self, x: torch.Tensor, y: torch.Tensor, t: int) -> dict[str, torch.Tensor]:
         eps, eps_T, masks = self._draw(1, x.shape[0], x)
         masks_t = None if masks is None else tuple(m[0] for m in masks)
         weighted, sq = self._block_loss(t, x, y, eps[0], masks_t)
@@ -298,20 +280,15 @@ class NoProp(Algorithm):
     # -- inference ------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         model = self.model
-        sample = self.params.inference == "sample"
+        shape = (x.shape[0], self.d)
         with torch.no_grad():
-            if sample:
+            if self.params.inference == "sample":
                 g = self._eval_generator
                 g.manual_seed(self._eval_seed)
-                z = torch.randn(x.shape[0], self.d, generator=g, device=g.device, dtype=x.dtype)
+                z = torch.randn(shape, generator=g, device=g.device, dtype=x.dtype)
+                z = model.chain(x, z, noise=True, generator=g)
             else:
-                z = x.new_zeros(x.shape[0], self.d)
-            for t in range(1, self.T + 1):
-                z = self._a[t - 1] * model.denoise(t, x, z) + self._b[t - 1] * z
-                if sample:
-                    z = z + math.sqrt(self._c[t - 1]) * torch.randn(
-                        z.shape, generator=g, device=g.device, dtype=z.dtype
-                    )
+                z = model.chain(x, x.new_zeros(shape), noise=False)
             return model.head(z)
 
     # -- state ----------------------------------------------------------------------------------

@@ -29,14 +29,31 @@ Class embeddings (spec option): ``onehot`` (default; W_Embed = I, fixed, a buffe
 ``d<D>`` (learned, orthogonally initialised C x D parameter). The paper's third option, prototype
 embeddings (d = image size, initialised from class images), is not implemented.
 
-The BP twin, ``forward(x)``: the same T blocks chained end to end, deterministic:
-z_0 = 0, z_t = softmax(block_t(x, z_{t-1})) · W_Embed for t = 1..T, logits = head(z_T).
-Trained by BP with cross-entropy on these logits, so gradients flow through the whole chain
-(and into a learned W_Embed). It does not use NoProp's noise schedule or posterior update.
+Final classifier: ``head`` = Linear(d, C), initialised to the class embeddings (weight = W_Embed,
+bias = 0), i.e. it starts as the nearest-embedding read-out logits_k = u_k · z_T. With PyTorch's
+random init (spec token ``rhead``) the head on the simplex-bounded z_T maps classes to random
+slots, and BP through the chain barely learns in the few steps of a small data set (BP twin on
+mnist5k, noprop:10,c4: 33% validation accuracy after 8 epochs, against 94% with the embedding
+init); the paper's head init is not known.
+
+Noise schedule (part of the model, so NoProp and its BP twin share it): ᾱ_0..ᾱ_T increasing
+towards the clean label, cosine ᾱ_t = cos²(π/2 (1 - t/T)) by default (spec token ``linear`` for
+ᾱ_t = t/T), squashed affinely into [1e-3, 1 - 1e-3]; q(z_t | y) = N(√ᾱ_t u_y, (1 - ᾱ_t) I).
+The inference chain (:meth:`NoPropNet.chain`, paper Eq. 3) is
+z_t = a_t û_θt(z_{t-1}, x) + b_t z_{t-1} + √c_t ε_t with the Gaussian-posterior coefficients of
+:func:`posterior_coefficients`.
+
+The BP twin, ``forward(x)``: the same chain trained end to end by backpropagation through the
+sampled path ("BPTT on the sampled paths of an SDE resembling NoProp-DT", the paper's backprop
+baseline as described by DiffusionBlocks Table 6). In training mode z_0 ~ N(0, I) and the ε_t are
+drawn (global RNG, like dropout); in eval mode z_0 = 0 and no noise (the mean path). The logits
+are head(z_T); BP minimises their cross-entropy, so gradients cross all blocks (and reach a
+learned W_Embed).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +63,43 @@ import torch.nn.functional as F
 from bpfree.data import DataSpec
 from bpfree.models import register_model
 
+ALPHA_BAR_CLIP = 1e-3  # ᾱ_t spans [clip, 1 - clip]: SNR(0) > 0 and SNR(T) finite
+
+
+def alpha_bar_schedule(T: int, kind: str = "cosine", clip: float = ALPHA_BAR_CLIP) -> torch.Tensor:
+    """ᾱ_0..ᾱ_T (float64), strictly increasing towards the clean label, from clip to 1 - clip.
+
+    cosine: ᾱ_t = clip + (1 - 2 clip) cos²(π/2 (1 - t/T)); linear: clip + (1 - 2 clip) t/T. The
+    affine squash (rather than clamping) keeps the schedule strictly monotone for any T.
+    """
+    t = torch.arange(T + 1, dtype=torch.float64)
+    if kind == "cosine":
+        shape = torch.cos(0.5 * math.pi * (1.0 - t / T)) ** 2
+    elif kind == "linear":
+        shape = t / T
+    else:
+        raise ValueError(f"unknown schedule {kind!r}")
+    return clip + (1.0 - 2.0 * clip) * shape
+
+
+def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = ᾱ_t / (1 - ᾱ_t)."""
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def posterior_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """a_t, b_t, c_t for t = 1..T (index t-1): q(z_t | z_{t-1}, u_y) = N(a_t u_y + b_t z_{t-1}, c_t I).
+
+    With α_{t-1} = ᾱ_{t-1} / ᾱ_t: a_t = √ᾱ_t (1 - α_{t-1}) / (1 - ᾱ_{t-1}),
+    b_t = √α_{t-1} (1 - ᾱ_t) / (1 - ᾱ_{t-1}), c_t = (1 - ᾱ_t)(1 - α_{t-1}) / (1 - ᾱ_{t-1}).
+    """
+    ab_prev, ab = alpha_bar[:-1], alpha_bar[1:]
+    alpha_prev = ab_prev / ab
+    a = ab.sqrt() * (1.0 - alpha_prev) / (1.0 - ab_prev)
+    b = alpha_prev.sqrt() * (1.0 - ab) / (1.0 - ab_prev)
+    c = (1.0 - ab) * (1.0 - alpha_prev) / (1.0 - ab_prev)
+    return a, b, c
+
 
 @dataclass(frozen=True)
 class NoPropShape:
@@ -54,6 +108,8 @@ class NoPropShape:
     hidden: int = 64  # h
     embed_dim: int | None = None  # None: one-hot (d = C), fixed; else learned d x C
     dropout: float = 0.2
+    schedule: str = "cosine"  # or "linear"
+    head_init: str = "embed"  # "embed": head.weight = W_Embed, bias 0; "random": PyTorch default
 
 
 class NoPropBlock(nn.Module):
@@ -86,8 +142,8 @@ class NoPropBlock(nn.Module):
         self.out = nn.Linear(h, num_classes)
 
     def _drop(self, a: torch.Tensor, masks: tuple[torch.Tensor, ...] | None, i: int) -> torch.Tensor:
-        if masks is not None:
-            return a * masks[i]  # masks are keep-masks already scaled by 1 / (1 - p)
+        if masks is not None:  # boolean keep-masks drawn by the caller
+            return a * masks[i] * (1.0 / (1.0 - self.p))
         return F.dropout(a, self.p, self.training)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, masks: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
@@ -125,6 +181,14 @@ class NoPropNet(nn.Module):
             NoPropBlock(input_shape, num_classes, self.embed_dim, shape) for _ in range(shape.T)
         )
         self.head = nn.Linear(self.embed_dim, num_classes)  # p̂_θout(y | z_T) = softmax(head(z_T))
+        if shape.head_init == "embed":  # start as the nearest-embedding read-out: logits_k = u_k · z_T
+            with torch.no_grad():
+                self.head.weight.copy_(self.embed)
+                self.head.bias.zero_()
+        # The noise schedule is fixed by the spec (not a parameter, not in the state dict).
+        self.alpha_bar = alpha_bar_schedule(shape.T, shape.schedule)
+        a, b, c = posterior_coefficients(self.alpha_bar)
+        self.coef_a, self.coef_b, self.coef_c = a.tolist(), b.tolist(), c.tolist()
 
     @property
     def T(self) -> int:
@@ -142,12 +206,22 @@ class NoPropNet(nn.Module):
         """Block t (1-based) predicts the clean label embedding û_θt(z_{t-1}, x)."""
         return self.to_embedding(self.blocks[t - 1](x, z, masks))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The BP twin: blocks chained end to end from z_0 = 0, then the head."""
-        z = x.new_zeros(x.shape[0], self.embed_dim)
+    def chain(
+        self, x: torch.Tensor, z: torch.Tensor, noise: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The inference chain from z_0 = ``z`` to z_T (paper Eq. 3); ε_t drawn from ``generator`` if ``noise``."""
         for t in range(1, self.T + 1):
-            z = self.denoise(t, x, z)
-        return self.head(z)
+            z = self.coef_a[t - 1] * self.denoise(t, x, z) + self.coef_b[t - 1] * z
+            if noise:
+                eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                z = z + math.sqrt(self.coef_c[t - 1]) * eps
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The BP twin: the chain end to end (sampled path in training, mean path in eval), then the head."""
+        shape = (x.shape[0], self.embed_dim)
+        z = torch.randn(shape, device=x.device, dtype=x.dtype) if self.training else x.new_zeros(shape)
+        return self.head(self.chain(x, z, noise=self.training))
 
 
 def parse_noprop(args: str) -> NoPropShape:
@@ -160,6 +234,10 @@ def parse_noprop(args: str) -> NoPropShape:
         for tok in tokens[1:]:
             if tok == "onehot":
                 values["embed_dim"] = None
+            elif tok in ("cosine", "linear"):
+                values["schedule"] = tok
+            elif tok == "rhead":
+                values["head_init"] = "random"
             elif tok[0] == "c":
                 values["channels"] = int(tok[1:])
             elif tok[0] == "h":
@@ -171,7 +249,7 @@ def parse_noprop(args: str) -> NoPropShape:
             else:
                 raise ValueError
     except (ValueError, IndexError):
-        raise ValueError("expected T then optional cC, hH, dD or onehot, pP tokens") from None
+        raise ValueError("expected T then optional cC, hH, dD or onehot, pP, cosine, linear or rhead tokens") from None
     shape = NoPropShape(**values)
     if not 1 <= shape.T <= 1000:
         raise ValueError("T must be 1..1000")
@@ -188,5 +266,5 @@ register_model(
     "noprop",
     parse_noprop,
     lambda shape, data: NoPropNet(data.input_shape, data.num_classes, shape),
-    "noprop or noprop:T[,cC][,hH][,dD|onehot][,pP] (e.g. noprop:10,c8,h64,onehot,p0.2)",
+    "noprop or noprop:T[,cC][,hH][,dD|onehot][,pP][,cosine|linear][,rhead] (e.g. noprop:10,c8,h64,onehot,p0.2,cosine)",
 )
