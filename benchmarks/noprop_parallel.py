@@ -19,8 +19,8 @@ Columns:
   ``torch.cuda.max_memory_allocated``, on CPU the running sum of the profiler's per-event
   allocation balance (``profile_memory=True``; an op's internal temporaries are netted). Both
   include the gradients and temporaries the step creates (optimiser state exists after warm-up).
-- GFLOP/step counted with ``FlopCounterMode``, with torch's grouped-convolution backward formula
-  corrected (it counts grad_weight ``groups`` times over, which inflates the vmap'd step).
+- GFLOP/step counted by the engine's FLOP counter (``bpfree.meters.flops``), whose grouped-convolution
+  backward formula counts the weight gradient once (torch's stock formula counts it ``groups`` times).
 The ratio columns are relative to BP.
 """
 
@@ -32,11 +32,11 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
 from bpfree.algorithms import algorithm_names, get_algorithm
 from bpfree.algorithms.base import NoParams, TrainSettings
 from bpfree.data import DataSpec
+from bpfree.meters.flops import count_flops
 from bpfree.models import build_model
 
 
@@ -85,21 +85,6 @@ class _Saved:
         if entry[0] == 0:
             self.meter.current -= entry[1]
             del self.meter.live[self.ptr]
-
-
-def _grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
-                                output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
-    args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
-    total = conv_backward_flop(*args, output_mask, out_val=out_shape)
-    grad_weight = conv_backward_flop(*args, [False, bool(output_mask[1]), False], out_val=out_shape)
-    return total - grad_weight + grad_weight // groups
-
-
-def true_flops(fn) -> int:
-    mapping = {torch.ops.aten.convolution_backward: _grouped_conv_backward_flop}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def sync(device: torch.device) -> None:
@@ -178,7 +163,7 @@ def measure(kinds: list[str], args, spec: DataSpec, device: torch.device) -> dic
             "spread": (min(rates[kind]), max(rates[kind])),
             "activation_bytes": meter.peak,
             "step_peak_bytes": step_peak_bytes(steps[kind], device),
-            "flops": true_flops(steps[kind]),
+            "flops": count_flops(steps[kind]),
         }
     return rows
 
