@@ -12,18 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfree.algorithms import algorithm_names, get_algorithm
-
-# The registry imports every algorithm module only when it is empty; importing cafo first would
-# leave it holding cafo alone (and "bp" unknown), so fill it before the direct import.
-algorithm_names()
-
-from bpfree.algorithms.base import TrainSettings  # noqa: E402
-from bpfree.algorithms.cafo import CaFoParams, CascadedForward, ridge_solve, sparsemax, sparsemax_loss  # noqa: E402
-from bpfree.config import build_config  # noqa: E402
-from bpfree.data import DataSpec  # noqa: E402
-from bpfree.engine import Engine  # noqa: E402
-from bpfree.errors import UserError  # noqa: E402
-from bpfree.models.cnn import CNN3  # noqa: E402
+from bpfree.algorithms.base import TrainSettings
+from bpfree.algorithms.cafo import CaFoParams, CascadedForward, ridge_solve, sparsemax, sparsemax_loss
+from bpfree.config import build_config
+from bpfree.data import DataSpec
+from bpfree.engine import Engine
+from bpfree.errors import UserError
+from bpfree.models.cnn import CNN3
 
 
 @pytest.fixture(autouse=True, scope="module")
