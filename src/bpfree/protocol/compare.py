@@ -187,6 +187,34 @@ class CompareOutcome:
     report: Any  # bpfree.report.render.Report
 
 
+def _energy_counter_readable() -> bool:
+    """Whether a CPU package energy counter (RAPL) is readable: then runs must not overlap."""
+    import glob
+
+    for path in glob.glob("/sys/class/powercap/intel-rapl:*/energy_uj"):
+        try:
+            with open(path) as handle:
+                handle.read()
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def auto_jobs() -> int:
+    """Parallel runs for ``--jobs 0``: one at a time when a GPU or an energy counter is in play
+    (each run's time and energy must be its own); otherwise one single-threaded run per core, up
+    to 4 (small models gain little from intra-op threads, and on a shared CPU multi-threaded
+    kernels stall badly)."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() or _energy_counter_readable():
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def seed_list(n: int, first: int = 0) -> list[int]:
     if n < 1:
         raise UserError(f"--seeds {n}: need at least 1 seed")
@@ -207,16 +235,19 @@ def compare(
     common: dict[str, Any] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     on_done: Callable[[Task, dict[str, Any]], None] | None = None,
+    threads: int | None = None,
 ) -> CompareOutcome:
     from bpfree.report.render import write_notes, write_report
 
+    if jobs == 0:
+        jobs = auto_jobs()
     paths = list(configs) if configs else [default_configs_dir()]
     cset = build_set(paths, datasets, algorithms, epochs, assignments, bp_config, common)
     run_configs = expand(cset.entries, list(seeds), Path(output))
     plan = make_plan(run_configs, Path(output))
     if on_plan is not None:
         on_plan(plan)
-    suite = execute_plan(plan, executor=executor, jobs=jobs, on_done=on_done)
+    suite = execute_plan(plan, executor=executor, jobs=jobs, on_done=on_done, threads=threads)
     notes = list(cset.notes)
     for task, outcome in suite.failed:
         notes.append(f"run failed: {task.label} ({task.run_dir.name}): {outcome.get('error')}")

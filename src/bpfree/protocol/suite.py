@@ -241,9 +241,12 @@ def scan_output(output: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     return done, interrupted
 
 
-def _progress_mtime(run_dir: Path) -> float:
+def _progress_mtime(run_dir: Path) -> tuple[bool, float]:
+    """Which of two interrupted attempts at one run to continue: one with a checkpoint, the newest."""
     checkpoint = run_dir / CHECKPOINT_FILE
-    return checkpoint.stat().st_mtime if checkpoint.exists() else (run_dir / CONFIG_FILE).stat().st_mtime - 1e9
+    if checkpoint.exists():
+        return True, checkpoint.stat().st_mtime
+    return False, (run_dir / CONFIG_FILE).stat().st_mtime
 
 
 def make_plan(configs: Sequence[RunConfig], output: Path) -> Plan:
@@ -367,19 +370,25 @@ def _threads_per_run(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
-def _run_inline(tasks: Sequence[Task], on_done: Callback) -> None:
-    for task in tasks:
-        on_done(task, run_task(task.config, str(task.run_dir)))
+def _run_inline(tasks: Sequence[Task], threads: int | None, on_done: Callback) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for task in tasks:
+            on_done(task, run_task(task.config, str(task.run_dir), threads))
+    finally:
+        torch.set_num_threads(before)
 
 
-def _run_local(tasks: Sequence[Task], jobs: int, on_done: Callback) -> None:
+def _run_local(tasks: Sequence[Task], jobs: int, threads: int | None, on_done: Callback) -> None:
     """Each run in its own process (a fresh child per run), at most ``jobs`` at a time."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["bpfree.protocol.warm"])  # children fork from a warm server
     kwargs: dict[str, Any] = {"max_workers": max(1, jobs), "mp_context": context}
     if sys.version_info >= (3, 11):
         kwargs["max_tasks_per_child"] = 1
-    threads = _threads_per_run(jobs)
+    threads = threads or _threads_per_run(jobs)
     with ProcessPoolExecutor(**kwargs) as pool:
         futures = {pool.submit(run_task, t.config, str(t.run_dir), threads): t for t in tasks}
         try:
@@ -444,7 +453,9 @@ def execute_plan(
     slurm: SlurmOptions | None = None,
     wait: bool = True,
     on_done: Callback | None = None,
+    threads: int | None = None,
 ) -> SuiteOutcome:
+    """Run the plan's tasks; ``threads`` is torch's thread count per run (default: CPUs / jobs)."""
     if executor not in EXECUTORS:
         raise UserError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     if jobs < 1:
@@ -462,9 +473,9 @@ def execute_plan(
     job_ids: list[str] = []
     with output_lock(plan.output):
         if executor == "inline":
-            _run_inline(plan.tasks, record)
+            _run_inline(plan.tasks, threads, record)
         elif executor == "local":
-            _run_local(plan.tasks, jobs, record)
+            _run_local(plan.tasks, jobs, threads, record)
         else:
             job_ids = _run_submitit(plan.tasks, _SUBMITIT_CLUSTER[executor], plan.output, jobs, slurm or SlurmOptions(), wait, record)
     return SuiteOutcome(plan, outcomes, job_ids)
@@ -482,6 +493,7 @@ def run_suite(
     on_plan: Callable[[Plan], None] | None = None,
     on_done: Callback | None = None,
     dry_run: bool = False,
+    threads: int | None = None,
 ) -> SuiteOutcome:
     """Load ``path``, plan against its output directory, and run what is missing."""
     suite = load_suite(path)
@@ -493,4 +505,4 @@ def run_suite(
     if dry_run:
         return SuiteOutcome(plan, [])
     options = SlurmOptions.from_mapping(suite.slurm).merged(slurm or SlurmOptions())
-    return execute_plan(plan, executor, jobs, options, wait, on_done)
+    return execute_plan(plan, executor, jobs, options, wait, on_done, threads)

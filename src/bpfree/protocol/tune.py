@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,8 @@ def _retry(fn: Callable[[], Any], attempts: int = 6) -> Any:
 
 def resolve_storage(url: str | None, output: Path) -> tuple[Any, str]:
     """(an Optuna storage object, its URL for messages)."""
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    import optuna.storages as storages
+    from optuna.storages import RDBStorage
 
     if url is None:
         url = f"sqlite:///{(Path(output) / 'optuna.db').resolve()}"
@@ -99,11 +101,17 @@ def resolve_storage(url: str | None, output: Path) -> tuple[Any, str]:
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-    retry = RetryFailedTrialCallback(max_retry=2)
+    # A trial whose worker died (no heartbeat for grace_period s) is failed and re-queued once or twice.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeats are marked experimental in some Optuna versions
+        retry_cls = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+        retry = retry_cls(max_retry=2)
     params = inspect.signature(RDBStorage.__init__).parameters
     callback = {"heartbeat_stale_trial_callback": retry} if "heartbeat_stale_trial_callback" in params else {"failed_trial_callback": retry}
     try:
-        storage = _retry(lambda: RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=180, **callback))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            storage = _retry(lambda: RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=180, **callback))
     except (ImportError, ModuleNotFoundError) as exc:
         raise UserError(f"--storage {url}: its database driver is not installed ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - a bad URL or unreachable server: one line

@@ -175,11 +175,22 @@ class Pair:
 
 
 def find_twin(group: Group, groups: Sequence[Group]) -> Group | None:
-    """The BP group on the same dataset and model whose budget fields match the most."""
+    """The BP group on the same dataset and model whose budget fields match the most.
+
+    Ties go to the group sharing more completed seeds with the alternative, then to the one with
+    more completed runs (a BP recipe that always diverged is no baseline).
+    """
     candidates = [g for g in groups if g.is_baseline and g.dataset == group.dataset and g.model == group.model]
     if not candidates:
         return None
-    return max(candidates, key=lambda g: sum(g.config.get(f) == group.config.get(f) for f in TWIN_FIELDS))
+    alt_seeds = {r.get("seed") for r in group.completed}
+
+    def score(g: Group) -> tuple[int, int, int]:
+        matching = sum(g.config.get(f) == group.config.get(f) for f in TWIN_FIELDS)
+        shared = len(alt_seeds & {r.get("seed") for r in g.completed})
+        return matching, shared, len(g.completed)
+
+    return max(candidates, key=score)  # ties: the first in group order (deterministic)
 
 
 def find_pairs(groups: Sequence[Group]) -> list[Pair]:

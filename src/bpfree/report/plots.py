@@ -155,9 +155,12 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
 
 
 def pareto(summary: Summary) -> Plot:
+    from matplotlib.ticker import NullFormatter
+
     palette = colors(summary)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     notes = []
+    legend: dict[str, Any] = {}
     for ax, (metric, xlabel) in zip(axes, (("train_time_s", "training time (s)"), ("train_flops", "training FLOPs"))):
         points = []
         for g in summary.groups:
@@ -167,17 +170,17 @@ def pareto(summary: Summary) -> Plot:
                     notes.append(f"{g.label}: every run diverged (no test accuracy)")
                 continue
             yerr = None if acc.half_width is None else acc.half_width * 100
-            xerr = cost.half_width
-            ax.errorbar(cost.mean, acc.mean * 100, xerr=xerr, yerr=yerr, fmt="o", color=palette[g.key], capsize=3,
-                        label=g.label + (f" ({len(g.diverged)} diverged)" if g.diverged else ""))
+            handle = ax.errorbar(cost.mean, acc.mean * 100, xerr=cost.half_width, yerr=yerr, fmt="o", color=palette[g.key], capsize=3)
+            legend.setdefault(g.label + (f" ({len(g.diverged)} diverged)" if g.diverged else ""), handle)
             points.append((cost.mean, acc.mean * 100))
         front = _pareto_front(points)
         if len(front) > 1:
             xs, ys = zip(*front)
-            ax.step(xs, ys, where="post", color="0.5", ls="--", lw=1, label="Pareto front")
+            (line,) = ax.step(xs, ys, where="post", color="0.5", ls="--", lw=1)
+            legend.setdefault("Pareto front (higher accuracy at lower cost)", line)
         if points:
             ax.set_xscale("log")
-            ax.legend(fontsize=7, loc="lower right")
+            ax.xaxis.set_minor_formatter(NullFormatter())
         else:
             _empty(ax, "no completed runs")
         ax.set_xlabel(xlabel + " (log)", fontsize=8)
@@ -185,7 +188,10 @@ def pareto(summary: Summary) -> Plot:
         ax.grid(alpha=0.3, which="both")
         ax.tick_params(labelsize=7)
     fig.suptitle("Accuracy versus cost (mean ± 95% CI over seeds)", fontsize=10)
-    fig.tight_layout()
+    rows = math.ceil(len(legend) / 3) if legend else 0
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, min(0.45, 0.045 * rows + 0.02), 1, 1))
     return Plot("pareto", "Accuracy versus cost", fig, " ".join(sorted(set(notes))))
 
 

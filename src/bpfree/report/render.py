@@ -225,7 +225,7 @@ def environment_table(results: Sequence[dict[str, Any]]) -> TableData:
 def deviations_table(results: Sequence[dict[str, Any]]) -> TableData:
     rows = []
     for name, paper, devs in declared_deviations(results):
-        rows.append([name, paper or "—", "; ".join(devs) if devs else "none declared"])
+        rows.append([name, paper or "—", "\n".join(f"• {d}" for d in devs) if devs else "none declared"])
     return TableData("Algorithms and declared deviations", ["algorithm", "paper", "deviations from the paper"], rows)
 
 
@@ -252,7 +252,7 @@ def rich_table(data: TableData):
 
 # -- markdown and html ---------------------------------------------------------------------------
 def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return str(text).replace("|", "\\|").replace("\n", "<br>")
 
 
 def markdown_table(data: TableData) -> str:
@@ -270,7 +270,9 @@ def markdown_table(data: TableData) -> str:
 
 def html_table(data: TableData) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in data.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in data.rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c)).replace(chr(10), '<br>')}</td>" for c in row) + "</tr>" for row in data.rows
+    )
     caption = f"<p class='caption'>{html.escape(data.caption)}</p>" if data.caption else ""
     return f"<h2>{html.escape(data.title)}</h2>\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{caption}\n"
 
