@@ -198,3 +198,30 @@ def test_inline_config_is_validated_like_a_file(tmp_path):
         s = load_suite(suite)
         expand(s.entries, s.seeds, tmp_path)
     assert build_config({"algorithm": "bp"}).seed == 0
+
+
+def test_suite_killed_mid_way_completes_every_run_exactly_once(tmp_path):
+    """SIGKILL the whole `bpfree suite` process group after its first result, then run it again."""
+    import signal
+    import time
+
+    output = tmp_path / "out"
+    suite_path = _write_suite(tmp_path / "suite.yaml", output, seeds=(0, 1, 2))
+    command = [sys.executable, "-m", "bpfree.cli", "suite", str(suite_path), "--jobs", "1", "--no-report"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(output.glob("*/result.json")):
+        time.sleep(0.1)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)  # the suite and every run it started
+    proc.wait()
+    first = {p.parent.name: p.stat().st_mtime_ns for p in output.glob("*/result.json")}
+    assert first, "the suite produced no result before the deadline"
+
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    results = _results(output)  # fails if any run produced two results
+    assert len(results) == 6
+    assert all((output / name / "result.json").stat().st_mtime_ns == t for name, t in first.items())
+    for path in results.values():
+        assert json.loads(path.read_text())["status"] == "completed"

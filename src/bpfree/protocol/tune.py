@@ -66,13 +66,17 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _retry(fn: Callable[[], Any], attempts: int = 6) -> Any:
-    """Retry storage setup when concurrent workers race on a locked SQLite file."""
+    """Retry storage setup when concurrent workers race on a locked SQLite file.
+
+    Two workers creating a fresh database both try to write its schema version; the loser gets
+    an IntegrityError and succeeds on retry, when the schema exists.
+    """
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - only lock/contention errors are retried
             text = f"{type(exc).__name__}: {exc}"
-            if attempt == attempts - 1 or not any(s in text for s in ("locked", "OperationalError", "StorageInternalError", "busy")):
+            if attempt == attempts - 1 or not any(s in text for s in ("locked", "OperationalError", "IntegrityError", "StorageInternalError", "busy")):
                 raise
             time.sleep(0.5 * 2**attempt)
     return None
