@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfree.algorithms import algorithm_names, get_algorithm
+from bpfree.algorithms import get_algorithm
 from bpfree.algorithms.base import TrainSettings
 from bpfree.algorithms.cafo import CaFoParams, CascadedForward, ridge_solve, sparsemax, sparsemax_loss
 from bpfree.config import build_config

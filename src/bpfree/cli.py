@@ -52,26 +52,9 @@ def epoch_progress(label: str, enabled: bool = True):
         yield update
 
 
-def format_bytes(value: float | None) -> str:
-    if value is None:
-        return "—"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(value)
-
-
-def format_flops(value: float | None) -> str:
-    if value is None:
-        return "—"
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if value >= scale:
-            return f"{value / scale:.2f} {unit}"
-    return f"{value:.0f}"
-
-
 def result_table(results: list[dict[str, Any]], title: str = "Results") -> Table:
+    from bpfree.report.render import fmt_bytes, fmt_flops
+
     table = Table(title=title)
     for column in ("algorithm", "model", "status", "test acc", "epochs", "train s", "eval s", "train FLOPs", "peak mem", "energy"):
         table.add_column(column, no_wrap=True)
@@ -86,8 +69,8 @@ def result_table(results: list[dict[str, Any]], title: str = "Results") -> Table
             str(r["epochs_run"]),
             f"{r['train_time_s']:.1f}",
             f"{r['eval_time_s']:.1f}",
-            format_flops(r.get("train_flops")),
-            format_bytes(r.get("peak_memory_bytes")),
+            fmt_flops(r.get("train_flops")),
+            fmt_bytes(r.get("peak_memory_bytes")),
             energy,
         )
     return table

@@ -88,7 +88,7 @@ class RunConfig(BaseModel):
         try:
             get_algorithm(algorithm).Params.model_validate(value)
         except ValidationError as exc:
-            raise ValueError(_format_validation_error(exc, prefix=f"params.")) from None
+            raise ValueError(_format_validation_error(exc, prefix="params.")) from None
         return value
 
     def algorithm_params(self) -> BaseModel:
@@ -172,6 +172,22 @@ def parse_assignment(text: str) -> tuple[list[str], Any]:
     return [k for k in key.strip().split(".") if k], value
 
 
+def apply_assignments(values: dict[str, Any], assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (as on the command line) to a copy of a config mapping."""
+    values = json.loads(json.dumps(values, default=str))  # a deep copy of plain data
+    for text in assignments:
+        keys, value = parse_assignment(text)
+        if not keys:
+            raise ConfigError(f"override {text!r}: empty key")
+        target = values
+        for k in keys[:-1]:
+            if not isinstance(target.get(k), dict):
+                target[k] = {}
+            target = target[k]
+        target[keys[-1]] = value
+    return values
+
+
 def load_config(
     path: Path | None = None,
     overrides: dict[str, Any] | None = None,
@@ -184,14 +200,5 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
-    for text in assignments or []:
-        keys, value = parse_assignment(text)
-        if not keys:
-            raise ConfigError(f"override {text!r}: empty key")
-        target = values
-        for k in keys[:-1]:
-            if not isinstance(target.get(k), dict):
-                target[k] = {}
-            target = target[k]
-        target[keys[-1]] = value
+    values = apply_assignments(values, assignments or [])
     return build_config(values, source=str(path) if path is not None else "config")

@@ -31,8 +31,6 @@ class MemoryMeter:
         elif _read_vm_hwm() is not None:
             self.method = "process peak RSS (VmHWM)"
         else:
-            import resource  # noqa: F401
-
             self.method = "process peak RSS (ru_maxrss, whole process lifetime)"
 
     def begin(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bpfree.data import DataSpec
 from bpfree.models import register_model
 
 CHANNELS = (32, 128, 512)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bpfree.data import DataSpec
 from bpfree.models import register_model
 
 

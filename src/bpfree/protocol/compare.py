@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bpfree.config import RunConfig, build_config, read_yaml_mapping
+from bpfree.config import RunConfig, apply_assignments, build_config, read_yaml_mapping
 from bpfree.errors import ConfigError, UserError
-from bpfree.protocol.suite import Plan, SuiteEntry, SuiteOutcome, Task, apply_assignments, execute_plan, expand, make_plan
+from bpfree.protocol.suite import Plan, SuiteEntry, SuiteOutcome, Task, execute_plan, expand, make_plan
 
 BP = "bp"
 BP_RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "momentum")

@@ -35,7 +35,7 @@ from typing import Any
 
 import submitit
 
-from bpfree.config import RunConfig, build_config, parse_assignment, read_yaml_mapping
+from bpfree.config import RunConfig, apply_assignments, build_config, read_yaml_mapping
 from bpfree.errors import ConfigError, UserError
 from bpfree.results import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE, ensure_writable_dir, new_run_id
 
@@ -56,22 +56,6 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def apply_assignments(values: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (as on the command line) to a config mapping."""
-    values = json.loads(json.dumps(values, default=str))  # a deep copy of plain data
-    for text in assignments:
-        keys, value = parse_assignment(text)
-        if not keys:
-            raise ConfigError(f"override {text!r}: empty key")
-        target = values
-        for k in keys[:-1]:
-            if not isinstance(target.get(k), dict):
-                target[k] = {}
-            target = target[k]
-        target[keys[-1]] = value
-    return values
 
 
 def _resolve_config_path(text: str, base: Path) -> Path:

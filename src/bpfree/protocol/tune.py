@@ -26,9 +26,8 @@ from typing import Any
 
 import yaml
 
-from bpfree.config import RunConfig, build_config, read_yaml_mapping
+from bpfree.config import RunConfig, apply_assignments, build_config, read_yaml_mapping
 from bpfree.errors import ConfigError, UserError
-from bpfree.protocol.suite import apply_assignments
 
 OBJECTIVE = "best_val_accuracy"
 SQLITE_TIMEOUT_S = 120
