@@ -231,7 +231,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
 
 def write_benchmarks_md(path: Path, section: str) -> None:
     """Replace the generated block of BENCHMARKS.md (between markers), keeping hand-written text."""
-    from bpfree.results import _atomic_write
+    from bpfree.results import atomic_write_text
 
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n\n" + start + "\n" + end + "\n"
@@ -240,4 +240,4 @@ def write_benchmarks_md(path: Path, section: str) -> None:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     new = head + start + "\n" + section + end + tail
-    _atomic_write(path, lambda handle: handle.write(new.encode()))
+    atomic_write_text(path, new)

@@ -46,6 +46,10 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     blob = json.dumps(data, indent=2, sort_keys=False, allow_nan=False).encode()
     _atomic_write(Path(path), lambda handle: handle.write(blob))

@@ -17,7 +17,7 @@ from typing import Any
 
 from bpfree.errors import UserError
 from bpfree.report.aggregate import COST_METRICS, Delta, Group, Stat, Summary, declared_deviations, environments, summarize
-from bpfree.results import atomic_write_json, ensure_writable_dir, load_results
+from bpfree.results import atomic_write_json, atomic_write_text, ensure_writable_dir, load_results
 
 NOTES_FILE = "compare.json"  # optional notes left by `bpfree compare` (skipped pairs, failures)
 FIGURES_DIR = "figures"
@@ -375,6 +375,6 @@ def write_report(results_dir: Path, out_dir: Path | None = None, title: str = "b
         html_figs.append((plot.name, plot.title, png, plot.caption))
     header = _header_lines(results_dir, summary)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    md_path.write_text(render_markdown(title, header, all_notes, tables, md_figs), encoding="utf-8")
-    html_path.write_text(render_html(title, header, all_notes, tables, html_figs), encoding="utf-8")
+    atomic_write_text(md_path, render_markdown(title, header, all_notes, tables, md_figs))
+    atomic_write_text(html_path, render_html(title, header, all_notes, tables, html_figs))
     return Report(summary, tables, md_path, html_path, paths, all_notes)
