@@ -67,6 +67,17 @@ def write_cifar(root: Path, classes: int = 10, per_batch: int = 20, n_test: int 
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small shared CPU, two OpenMP threads per process can stall badly."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tmp_results(tmp_path: Path) -> Path:
     out = tmp_path / "results"
     out.mkdir()

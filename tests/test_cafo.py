@@ -21,13 +21,7 @@ from bpfree.errors import UserError
 from bpfree.models.cnn import CNN3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads per process can be ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOY_SHAPE = (1, 8, 8)  # 8 -> 4 -> 2 -> 1

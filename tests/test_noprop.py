@@ -283,13 +283,6 @@ def test_engine_flop_counter_counts_parallel_steps_like_sequential():
 
 
 # -- end to end -------------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    """The CI machine is small and shared; one intra-op thread avoids OpenMP oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(algorithm: str, epochs: int, params: dict | None = None) -> dict:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import submitit
 import yaml
 
@@ -21,13 +20,7 @@ from bpfree.runner import execute
 TINY = {"dataset": "mnist5k", "model": "mlp:1x16", "epochs": 2, "patience": None, "batch_size": 256}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, above all on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Interrupt(Exception):

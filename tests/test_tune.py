@@ -11,7 +11,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
 
 from bpfree.config import load_config
@@ -22,13 +21,7 @@ from bpfree.protocol.tune import objective_value, tune
 TINY = {"dataset": "mnist5k", "model": "mlp:1x16", "epochs": 40, "batch_size": 256, "patience": 2, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, above all on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 TEST_KEYS = ("test_accuracy",)
 
 
