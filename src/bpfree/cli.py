@@ -26,11 +26,15 @@ out = Console()
 
 @contextmanager
 def epoch_progress(label: str, enabled: bool = True):
-    """A rich progress bar fed by the engine's per-epoch callback."""
+    """A rich progress bar fed by the engine's per-epoch callback.
+
+    The bar appears with the first finished epoch, so a run that fails while it is being set up
+    (missing data, bad output directory) prints its one-line error and nothing else.
+    """
     if not enabled:
         yield lambda info: None
         return
-    with Progress(
+    bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -38,18 +42,24 @@ def epoch_progress(label: str, enabled: bool = True):
         TimeElapsedColumn(),
         console=console,
         transient=False,
-    ) as bar:
-        task = bar.add_task(label, total=None, status="")
+    )
+    task = bar.add_task(label, total=None, status="")
 
-        def update(info: dict[str, Any]) -> None:
-            bar.update(
-                task,
-                total=info["total_epochs"],
-                completed=info["epochs_run"],
-                status=f"{info['phase']} ep {info['epoch']}  loss {info['train_loss']:.4f}  val {info['val_accuracy']:.4f}",
-            )
+    def update(info: dict[str, Any]) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(
+            task,
+            total=info["total_epochs"],
+            completed=info["epochs_run"],
+            status=f"{info['phase']} ep {info['epoch']}  loss {info['train_loss']:.4f}  val {info['val_accuracy']:.4f}",
+        )
 
+    try:
         yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def result_table(results: list[dict[str, Any]], title: str = "Results") -> Table:
