@@ -22,6 +22,7 @@ from bpfree.algorithms import algorithm_names
 from bpfree.config import build_config
 from bpfree.data import train_batches
 from bpfree.engine import Engine
+from bpfree.meters.environment import cpu_model
 from bpfree.meters.flops import FlopLedger
 from bpfree.meters.timer import synchronize
 
@@ -188,7 +189,7 @@ def run_bench(
         "rows": rows,
         "skipped": skipped,
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_model(),
             "threads": torch.get_num_threads(),
             "device": str(dev),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
@@ -196,12 +197,6 @@ def run_bench(
             "python": platform.python_version(),
         },
     }
-
-
-def _cpu_name() -> str:
-    from bpfree.meters.environment import _cpu_model
-
-    return _cpu_model()
 
 
 def markdown(report: dict[str, Any], command: str) -> str:
