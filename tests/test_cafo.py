@@ -15,7 +15,8 @@ from bpfree.algorithms import get_algorithm
 from bpfree.algorithms.base import TrainSettings
 from bpfree.algorithms.cafo import CaFoParams, CascadedForward, ridge_solve, sparsemax, sparsemax_loss
 from bpfree.config import build_config
-from bpfree.data import DataSpec
+from bpfree.data import DataSpec, Splits
+from bpfree.loop import EpochOutcome, epoch_clock, train_epoch
 from bpfree.engine import Engine
 from bpfree.errors import UserError
 from bpfree.models.cnn import CNN3
@@ -48,13 +49,14 @@ def toy_data(n: int, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, *TOY_SHAPE, generator=g), torch.randint(0, TOY_CLASSES, (n,), generator=g)
 
 
-def run_epoch(algo: CascadedForward, phase_name: str, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
-    """Drive one phase for one epoch the way the engine does."""
-    phase = next(p for p in algo.phases() if p.name == phase_name)
+def run_epoch(algo: CascadedForward, phase_name: str, x: torch.Tensor, y: torch.Tensor) -> EpochOutcome:
+    """Drive one phase for one epoch through the engine's own loop (data in order: no shuffling needed)."""
+    phase = next(p for p in algo.schedule() if p.name == phase_name)
     algo.begin_phase(phase)
-    algo.train_mode()
-    bs = algo.settings.batch_size
-    return [algo.train_step(x[i : i + bs], y[i : i + bs]) for i in range(0, x.shape[0], bs)]
+    spec = DataSpec("toy", TOY_SHAPE, TOY_CLASSES, x.shape[0], 0, 0, augment=False)
+    splits = Splits(spec, x, y, x[:0], y[:0], x[:0], y[:0])
+    clock = epoch_clock(phase, 0, 0, x.shape[0], algo.settings.batch_size)
+    return train_epoch(algo, splits, clock, torch.Generator().manual_seed(0))
 
 
 def block_features(model: CNN3, x: torch.Tensor) -> list[torch.Tensor]:
@@ -133,15 +135,8 @@ def test_closed_form_mse_equals_lstsq(n_train):
     phases = algo.phases()
     assert [p.name for p in phases] == ["predictors"] and phases[0].epochs == 1
     x, y = toy_data(n_train)
-    keys = []
-    phase = phases[0]
-    algo.begin_phase(phase)
-    algo.train_mode()
-    outs = []
-    for i in range(0, n_train, 64):
-        keys.append(algo.flop_key())
-        outs.append(algo.train_step(x[i : i + 64], y[i : i + 64]))
-    assert keys[-1] == "solve" and all(k == "accumulate" for k in keys[:-1])
+    outcome = run_epoch(algo, "predictors", x, y)
+    assert "train_mse" in outcome.closing  # the solve ran in end_epoch, inside the training window
     feats = block_features(algo.model, x)
     target = F.one_hot(y, TOY_CLASSES).double()
     total_mse = 0.0
@@ -153,9 +148,8 @@ def test_closed_form_mse_equals_lstsq(n_train):
         w = algo.aux["predictors"][k].weight.detach().double().T
         torch.testing.assert_close(w, expected, atol=2e-4, rtol=1e-3)
         total_mse += 0.5 * ((h @ expected - target) ** 2).sum().item() / n_train
-    # the solving step reports the training MSE so the epoch mean equals it
-    epoch_loss = sum(o["loss"] for o in outs) / len(outs)
-    assert epoch_loss.item() == pytest.approx(total_mse, rel=1e-3, abs=1e-5)
+    # end_epoch reports the training MSE of the solved predictors as the epoch's loss
+    assert outcome.loss == pytest.approx(total_mse, rel=1e-3, abs=1e-5)
 
 
 def test_ridge_solve_matches_formula():
@@ -395,7 +389,7 @@ def test_engine_records_a_separate_dfa_phase():
     assert names == ["dfa", "predictor1", "predictor2", "predictor3"]
     dfa = result["phases"][0]
     assert dfa["epochs"] == 1 and dfa["train_time_s"] > 0
-    assert any(key.startswith("('dfa'") for key in result["flops_per_step"])
+    assert any(key.startswith("dfa/") for key in result["flops_per_step"])
     assert result["test_accuracy"] > 0.5
     assert result["aux_params"] > 0
 
@@ -403,7 +397,7 @@ def test_engine_records_a_separate_dfa_phase():
 def test_engine_closed_form_mse_and_simultaneous_schedule():
     result = Engine(quick_config(epochs=3, params={"loss": "mse", "schedule": "simultaneous"})).run()
     assert [(p["name"], p["epochs"]) for p in result["phases"]] == [("bn_calibration", 1), ("predictors", 1)]
-    assert any("solve" in key for key in result["flops_per_step"])
+    assert result["flops_per_step"]["predictors/end_epoch"] > 0  # the closed-form solve is counted
     assert result["test_accuracy"] > 0.8
 
 

@@ -13,6 +13,7 @@ from bpfree.algorithms.base import TrainSettings
 from bpfree.config import build_config
 from bpfree.data import DataSpec
 from bpfree.engine import Engine
+from bpfree.loop import epoch_clock
 from bpfree.errors import ConfigError
 from bpfree.models import build_model
 
@@ -214,14 +215,19 @@ def test_layerwise_trains_only_the_phase_layer():
 def test_lr_cooldown_follows_the_linear_schedule():
     alg = make_ff(epochs=4, batch_size=8)  # 40 samples: 5 steps per epoch
     x, y = toy_batch(8)
+    phase = alg.schedule()[0]
     lrs = []
-    for _ in range(20):
-        alg.train_step(x, y)
-        lrs.append(alg.optimizers["ff"].param_groups[0]["lr"])
+    for epoch in range(4):
+        alg.begin_epoch(epoch_clock(phase, epoch, epoch, 40, 8))  # the engine's epoch clock sets the lr
+        for _ in range(5):
+            alg.train_step(x, y)
+            lrs.append(alg.optimizers["ff"].param_groups[0]["lr"])
     per_epoch = [lrs[5 * e] for e in range(4)]
     assert per_epoch == pytest.approx([1e-3, 1e-3, 1e-3 * 2 * 2 / 4, 1e-3 * 2 * 1 / 4])
+    assert all(lr == lrs[5 * (i // 5)] for i, lr in enumerate(lrs))  # constant within an epoch
     flat = make_ff(epochs=4, batch_size=8, lr_cooldown=False)
-    for _ in range(20):
+    for epoch in range(4):
+        flat.begin_epoch(epoch_clock(phase, epoch, epoch, 40, 8))
         flat.train_step(x, y)
     assert flat.optimizers["ff"].param_groups[0]["lr"] == 1e-3
 
@@ -238,9 +244,11 @@ def test_peer_normalisation_state_is_restored_with_the_weights():
     assert "peer" not in make_ff(peer_norm_weight=0.0).aux
 
 
-def test_state_round_trip_keeps_the_cooldown_step_and_peer_means():
-    alg = make_ff(schedule="layerwise")
-    alg.begin_phase(alg.phases()[2])
+def test_state_round_trip_keeps_the_cooldown_lr_and_peer_means():
+    alg = make_ff(schedule="layerwise", epochs=4)
+    phase = alg.schedule()[2]
+    alg.begin_phase(phase)
+    alg.begin_epoch(epoch_clock(phase, 3, 11, 40, 8))  # last epoch of the phase: cooled-down lr
     x, y = toy_batch(8)
     for _ in range(7):
         alg.train_step(x, y)
@@ -248,9 +256,10 @@ def test_state_round_trip_keeps_the_cooldown_step_and_peer_means():
     fresh = make_ff(schedule="layerwise", seed=9)
     fresh.begin_phase(fresh.phases()[2])  # what the engine does before loading a mid-phase checkpoint
     fresh.load_state_dict(state)
-    assert fresh._step == 7 and fresh._layer == 2
+    assert fresh._layer == 2
     assert torch.equal(fresh.aux["peer"].get(2), alg.aux["peer"].get(2))
-    assert fresh.optimizers["layer3"].param_groups[0]["base_lr"] == 1e-3
+    group = fresh.optimizers["layer3"].param_groups[0]
+    assert group["initial_lr"] == 1e-3 and group["lr"] == pytest.approx(1e-3 * 2 * 1 / 4)
 
 
 # -- through the engine -------------------------------------------------------------------------
@@ -286,7 +295,7 @@ def test_flops_count_positive_and_negative_rows(inference):
     if inference == "softmax":
         expected += 2 * b * macs + 2 * 2 * b * widths[1] * c  # neutral no-grad pass + head fwd/grad
         per_sample_inference = 2 * macs + 2 * widths[1] * c
-    assert result["flops_per_step"] == {str(("train", b, None)): expected}
+    assert result["flops_per_step"] == {f"train/{b}": expected}
     assert result["inference_flops_per_sample"] == per_sample_inference
 
 

@@ -15,6 +15,7 @@ from bpfree.algorithms.base import TrainSettings
 from bpfree.algorithms.noprop import NoProp, kl_to_standard_normal
 from bpfree.config import build_config
 from bpfree.data import DataSpec
+from bpfree.loop import epoch_clock
 from bpfree.meters.flops import count_flops
 from bpfree.models import build_model, parse_model_spec
 from bpfree.models.noprop_net import NoPropNet, alpha_bar_schedule, posterior_coefficients, snr
@@ -228,17 +229,19 @@ def test_checkpoint_round_trip_continues_identically(parallel):
 
 def test_paper_loop_trains_one_block_and_leaves_the_others():
     alg = make("noprop:3,c2,h8", loop="paper")
-    assert alg._steps_per_epoch == 3  # 40 samples, batch 16
+    phase = alg.schedule()[0]
+    alg.begin_phase(phase)
+    alg.begin_epoch(epoch_clock(phase, 0, 0, 40, 16))  # first engine epoch: block 1 only
     before = [torch.cat([p.detach().flatten().clone() for p in b.parameters()]) for b in alg.model.blocks]
-    for s in range(3):  # first engine epoch: block 1 only
+    for s in range(3):
         assert alg.current_block() == 1
         alg.train_step(*batch(seed=50 + s))
     after = [torch.cat([p.detach().flatten() for p in b.parameters()]) for b in alg.model.blocks]
     assert not torch.equal(before[0], after[0])
     assert torch.equal(before[1], after[1]) and torch.equal(before[2], after[2])  # AdamW decay did not move them
-    assert alg.current_block() == 2 and alg._step == 3
-    for s in range(6):
-        alg.train_step(*batch(seed=60 + s))
+    alg.begin_epoch(epoch_clock(phase, 1, 1, 40, 16))
+    assert alg.current_block() == 2
+    alg.begin_epoch(epoch_clock(phase, 3, 3, 40, 16))
     assert alg.current_block() == 1  # T engine epochs = one paper epoch, then around again
 
 
@@ -322,6 +325,6 @@ def test_noprop_dt_learns_mnist5k_next_to_bp_twin(one_thread):
     assert bp["test_accuracy"] >= 0.85
     # The FLOP counter saw every block: a NoProp step costs about as much as a BP step on the same network
     # (both run T blocks forward and backward), far more than one block.
-    key = str(("train", 128, None))
+    key = "train/128"
     assert 0.8 <= noprop["flops_per_step"][key] / bp["flops_per_step"][key] <= 1.3
     assert noprop["inference_flops_per_sample"] == pytest.approx(bp["inference_flops_per_sample"], rel=0.05)

@@ -122,13 +122,30 @@ def _meter(monitor, method="fake NVML counter", reason=None):
     return EnergyMeter(torch.device("cpu"), monitor_factory=lambda device: (monitor, method, reason))
 
 
-def test_energy_from_a_counter_is_summed_over_epochs():
+class PowerMonitor:
+    """A fake counter that draws a constant 100 W: a window's energy is 100 x its duration."""
+
+    def __init__(self):
+        self.open = {}
+
+    def begin_window(self, key, sync_execution=True):
+        self.open[key] = time.perf_counter()
+
+    def end_window(self, key, sync_execution=True):
+        seconds = time.perf_counter() - self.open.pop(key)
+        return SimpleNamespace(time=seconds, gpu_energy={0: 100.0 * seconds}, cpu_energy=None, dram_energy=None)
+
+
+def test_energy_from_a_counter_is_summed_over_the_timed_windows():
     cfg = build_config({"algorithm": "bp", "model": "mlp:1x32", "epochs": 2, "patience": None, "checkpoint": False})
-    # windows: train e1, val e1, train e2, val e2, test
-    result = Engine(cfg, energy_meter=_meter(FakeMonitor([10.0, 1.0, 12.0, 1.0, 2.0]))).run()
-    assert result["energy_j"] == 22.0 and result["eval_energy_j"] == 4.0
+    result = Engine(cfg, energy_meter=_meter(PowerMonitor())).run()
+    # Energy covers exactly the timed training (resp. evaluation) windows: FLOP probes are outside both.
+    assert result["energy_j"] == pytest.approx(100 * result["train_time_s"], rel=0.05, abs=0.05)
+    assert result["eval_energy_j"] == pytest.approx(100 * result["eval_time_s"], rel=0.05, abs=0.05)
     assert result["energy_method"] == "fake NVML counter" and result["energy_reason"] is None
-    assert [row["energy_j"] for row in result["curves"]] == [10.0, 12.0]
+    for row in result["curves"]:
+        assert row["energy_j"] == pytest.approx(100 * row["epoch_time_s"], rel=0.05, abs=0.05)
+    assert result["curves"][1]["cumulative_energy_j"] == pytest.approx(result["energy_j"])
 
 
 @pytest.mark.parametrize(

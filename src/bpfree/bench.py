@@ -20,10 +20,12 @@ import torch
 
 from bpfree.algorithms import algorithm_names
 from bpfree.config import build_config
+from bpfree.build import build_run, resolve_device
 from bpfree.data import train_batches
-from bpfree.engine import Engine
+from bpfree.loop import epoch_clock, evaluate, train_epoch
 from bpfree.meters.environment import cpu_model
 from bpfree.meters.flops import FlopLedger
+from bpfree.meters.memory import MemoryMeter
 from bpfree.meters.timer import synchronize
 
 
@@ -78,52 +80,37 @@ def measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int =
             "params": case.params,
         }
     )
-    engine = Engine(cfg)
-    dev = engine.device
-    algo = engine.algorithm
-    data = engine.data
+    parts = build_run(cfg)
+    dev, algo, data = parts.device, parts.algorithm, parts.data
+    memory = MemoryMeter(dev)
     n_train = data.train_x.shape[0]
     phase_rows = []
-    engine.memory.begin()
-    for phase in algo.phases():
+    peak = None
+    for phase in algo.schedule():
         algo.begin_phase(phase)
         ledger = FlopLedger()
         times = []
         for epoch in range(epochs + 1):  # epoch 0 warms up and counts FLOPs
-            algo.train_mode()
-            before = ledger.total
-            synchronize(dev)
-            start = time.perf_counter()
-            for xb, yb in train_batches(data, cfg.batch_size, engine.data_generator):
-                if epoch == 0:
-                    ledger.run((phase.name, xb.shape[0], algo.flop_key()), lambda xb=xb, yb=yb: algo.train_step(xb, yb))
-                else:
-                    algo.train_step(xb, yb)
-            synchronize(dev)
-            elapsed = time.perf_counter() - start
+            clock = epoch_clock(phase, min(epoch, phase.epochs - 1), epoch, n_train, cfg.batch_size)
+            outcome = train_epoch(
+                algo, data, clock, parts.data_generator,
+                flops=ledger if epoch == 0 else None, memory=memory, autocast=parts.autocast,
+            )
             if epoch == 0:
-                flops_per_epoch = ledger.total - before
+                flops_per_epoch = ledger.total
             else:
-                times.append(elapsed)
+                times.append(outcome.seconds)
+            peak = max(peak or 0, outcome.peak_memory_bytes or 0) or None
         phase_rows.append({"phase": phase.name, "epoch_s": statistics.median(times), "flops_per_epoch": flops_per_epoch})
-    peak = engine.memory.peak()
     algo.end_training()
-    algo.eval_mode()
-    eval_x = data.test_x
-    with torch.no_grad():
-        algo.predict(eval_x[: cfg.eval_batch_size])
-        synchronize(dev)
-        start = time.perf_counter()
-        for i in range(0, eval_x.shape[0], cfg.eval_batch_size):
-            algo.predict(eval_x[i : i + cfg.eval_batch_size])
-        synchronize(dev)
-        eval_s = time.perf_counter() - start
+    evaluate(algo, data.test_x[: cfg.eval_batch_size], data.test_y[: cfg.eval_batch_size], cfg.eval_batch_size)  # warm-up
+    eval_s = evaluate(algo, data.test_x, data.test_y, cfg.eval_batch_size, autocast=parts.autocast).seconds
     epoch_s = statistics.mean(r["epoch_s"] for r in phase_rows)
     flops = statistics.mean(r["flops_per_epoch"] for r in phase_rows)
     # Data handling alone: shuffling, gathering and (for CIFAR) augmenting one epoch of batches.
     synchronize(dev)
     start = time.perf_counter()
-    for xb, _ in train_batches(data, cfg.batch_size, engine.data_generator):
+    for _ in train_batches(data, cfg.batch_size, parts.data_generator):
         pass
     synchronize(dev)
     data_s = time.perf_counter() - start
@@ -136,9 +123,9 @@ def measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int =
         "epoch_s": epoch_s,
         "samples_per_s": n_train / epoch_s,
         "flops_per_s": flops / epoch_s,
-        "eval_samples_per_s": eval_x.shape[0] / eval_s,
+        "eval_samples_per_s": data.test_x.shape[0] / eval_s,
         "peak_memory_bytes": peak,
-        "memory_method": engine.memory.method,
+        "memory_method": memory.method,
         "data_s": data_s,
         "device": str(dev),
     }
@@ -153,8 +140,6 @@ def run_bench(
 ) -> dict[str, Any]:
     """Measure the peak, then every case next to its BP twin (same model, batch and data)."""
     registered = set(algorithm_names())
-    from bpfree.engine import resolve_device
-
     dev = resolve_device(device)
     peak = matmul_peak_flops(dev)
     rows = []

@@ -44,6 +44,9 @@ class RunConfig(BaseModel):
     amp: bool = Field(False, description="bf16 autocast for training and evaluation steps (meant for GPUs)")
     channels_last: bool = Field(False, description="channels-last memory format for images and conv weights")
     compile: bool = Field(False, description="torch.compile each model block (first epoch includes compile time)")
+    divergence_factor: float | None = Field(
+        1000.0, gt=1, le=1e12, description="a phase diverges when its epoch loss exceeds this multiple of its first-step loss; null disables"
+    )
     checkpoint: bool = Field(True, description="write a resumable checkpoint after every epoch")
     output: Path = Field(Path("results"), description="results directory; each run writes <output>/<run_id>/")
     name: str | None = Field(None, description="free-form label stored with the result")

@@ -1,8 +1,8 @@
-"""The training loop: phases, epochs, validation, early stopping, checkpoints and meter windows.
+"""The engine: phases, epochs, validation, early stopping, checkpoints; built by :mod:`bpfree.build`,
+stepped by :mod:`bpfree.loop`, recorded by :mod:`bpfree.record`.
 
-One loop serves every algorithm. Per epoch the loop synchronises with the device exactly once for
-the training loss (to catch divergence) and once per evaluation; meters are read only at epoch
-and phase boundaries.
+Per epoch the engine reads the device once for the training loss (to catch divergence) and once per
+evaluation; meters are read only at window edges (see :mod:`bpfree.loop`).
 """
 
 from __future__ import annotations
@@ -18,34 +18,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from bpfree.algorithms import get_algorithm
-from bpfree.algorithms.base import Algorithm, TrainSettings
+from bpfree.algorithms.base import Algorithm, Phase
+from bpfree.build import build_run, derived_seeds
 from bpfree.config import RunConfig
-from bpfree.data import Splits, eval_batches, load_dataset, num_batches, train_batches
 from bpfree.errors import UserError
+from bpfree.loop import EpochOutcome, epoch_clock, evaluate, train_epoch
 from bpfree.meters.energy import EnergyMeter
-from bpfree.meters.environment import environment
 from bpfree.meters.flops import FlopLedger
 from bpfree.meters.memory import MemoryMeter
-from bpfree.meters.timer import Stopwatch
-from bpfree.models import build_model, parse_model_spec
-from bpfree.results import CHECKPOINT_FILE, SCHEMA_VERSION, atomic_torch_save
+from bpfree.record import result_record
+from bpfree.results import CHECKPOINT_FILE, atomic_torch_save
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 ProgressCallback = Callable[[dict[str, Any]], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("field 'device': cuda requested but no CUDA device is available; use --device cpu or auto")
-    return torch.device(name)
-
-
-def derived_seeds(seed: int) -> dict[str, int]:
-    """Independent streams: weights, data order/augmentation, and the algorithm's own noise."""
-    return {"model_init": seed, "data_order": seed + 1_000_003, "algorithm": seed + 2_000_006}
+# A phase diverges when its epoch loss exceeds this multiple of its first step's loss (declared in
+# the result as ``divergence_rule``), or when the loss is not finite.
+DIVERGENCE_RULE = "training loss not finite, or above divergence_factor x the phase's first-step loss"
 
 
 @dataclass
@@ -60,26 +48,44 @@ class Progress:
     stale_epochs: int = 0
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
+    probe_time_s: float = 0.0  # first steps of each kind, run under the FLOP counter outside the timed windows
     energy_j: float | None = 0.0
     eval_energy_j: float | None = 0.0
     energy_reason: str | None = None
     train_flops: int = 0
     eval_flops: int = 0
     flops_per_step: dict[str, int] = field(default_factory=dict)
+    phase_train_time_s: float = 0.0  # the current phase's, kept across a resume
+    phase_peak_memory_bytes: int | None = None
+    phase_reference_loss: float | None = None  # the phase's first-step loss, for the divergence rule
     curves: list[dict[str, Any]] = field(default_factory=list)
     phases: list[dict[str, Any]] = field(default_factory=list)
     status: str = "running"
     reason: str | None = None
 
 
-def _add_energy(total: float | None, reading) -> float | None:
-    if total is None or reading.joules is None:
-        return None
-    return total + reading.joules
+def _add(total: float | None, joules: float | None) -> float | None:
+    return None if total is None or joules is None else total + joules
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    values = [v for v in (a, b) if v is not None]
+    return max(values) if values else None
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached"]))
 
 
 class Engine:
-    """Builds the pieces of one run and trains it, resuming from ``run_dir``'s checkpoint if present."""
+    """Trains one run, resuming from ``run_dir``'s checkpoint if present."""
 
     def __init__(
         self,
@@ -91,42 +97,21 @@ class Engine:
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress_callback = progress or (lambda info: None)
-        self.device = resolve_device(cfg.device)
-        self.seeds = derived_seeds(cfg.seed)
-        family, _ = parse_model_spec(cfg.model)
-        algorithm_cls = get_algorithm(cfg.algorithm)
-        if "*" not in algorithm_cls.model_families and family.prefix not in algorithm_cls.model_families:
-            raise UserError(
-                f"field 'model': algorithm {cfg.algorithm} trains {', '.join(algorithm_cls.model_families)} models, "
-                f"not {cfg.model!r}"
-            )
-        self._seed_everything()
-        self.data: Splits = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.val_fraction).to(self.device)
-        torch.manual_seed(self.seeds["model_init"])
-        self.model = build_model(cfg.model, self.data.spec).to(self.device)
-        if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-            self.data = self.data.with_images(lambda x: x.contiguous(memory_format=torch.channels_last))
-        if cfg.compile:
-            for block in self.model.blocks:
-                block.compile()
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-        self.data_generator = torch.Generator(device=self.device).manual_seed(self.seeds["data_order"])
-        self.algorithm_generator = torch.Generator(device=self.device).manual_seed(self.seeds["algorithm"])
-        settings = TrainSettings(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.optimizer, cfg.momentum)
-        self.algorithm: Algorithm = algorithm_cls(
-            self.model, self.data.spec, settings, cfg.algorithm_params(), self.algorithm_generator
-        )
+        self.parts = build_run(cfg)
+        self.device = self.parts.device
+        self.seeds = self.parts.seeds
+        self.data = self.parts.data
+        self.model = self.parts.model
+        self.algorithm: Algorithm = self.parts.algorithm
+        self.data_generator = self.parts.data_generator
+        self.algorithm_generator = self.parts.algorithm_generator
+        self.autocast = self.parts.autocast
         self.energy = energy_meter or EnergyMeter(self.device)
         self.memory = MemoryMeter(self.device)
         self.state = Progress()
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.started_at = datetime.now(timezone.utc).isoformat()
-
-    def _seed_everything(self) -> None:
-        random.seed(self.cfg.seed)
-        np.random.seed(self.cfg.seed % 2**32)
-        torch.manual_seed(self.cfg.seed)
+        self.resumed_across_devices = False
 
     # -- checkpoints ----------------------------------------------------------------------------
     @property
@@ -136,9 +121,11 @@ class Engine:
     def _save_checkpoint(self) -> None:
         if not self.cfg.checkpoint or self.checkpoint_path is None:
             return
+        # Only tensors and plain containers of numbers and strings: loadable with weights_only=True.
         payload = {
             "version": CHECKPOINT_VERSION,
             "config_key": self.cfg.key(),
+            "device_type": self.device.type,
             "progress": asdict(self.state),
             "algorithm": self.algorithm.state_dict(),
             "best_weights": self.best_weights,
@@ -147,7 +134,7 @@ class Engine:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "python_rng": random.getstate(),
-            "numpy_rng": np.random.get_state(),
+            "numpy_rng": _numpy_rng_state(),
             "started_at": self.started_at,
         }
         atomic_torch_save(self.checkpoint_path, payload)
@@ -157,44 +144,41 @@ class Engine:
         if path is None or not path.is_file():
             return False
         try:
-            payload = torch.load(path, map_location=self.device, weights_only=False)
+            # weights_only: a checkpoint can hold tensors and plain data, never code to run.
+            payload = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:
-            raise UserError(f"checkpoint {path}: unreadable ({type(exc).__name__}); delete it to start over") from None
-        if payload.get("version") != CHECKPOINT_VERSION or payload.get("config_key") != self.cfg.key():
+            raise UserError(
+                f"checkpoint {path}: unreadable or not a bpfree checkpoint ({type(exc).__name__}); delete it to start over"
+            ) from None
+        if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION or payload.get("config_key") != self.cfg.key():
             raise UserError(
                 f"checkpoint {path}: written by a different config or version; resume with the run's own "
                 f"config.json, or delete the checkpoint to start over"
             )
         self.state = Progress(**payload["progress"])
-        phases = self.algorithm.phases()
+        phases = self.algorithm.schedule()
         if self.state.epoch_in_phase > 0:  # mid-phase: rebuild the phase's optimisers before loading them
             self.algorithm.begin_phase(phases[self.state.phase_index])
         self.algorithm.load_state_dict(payload["algorithm"])
         self.best_weights = payload["best_weights"]
-        self.data_generator.set_state(payload["data_generator"])
-        self.algorithm_generator.set_state(payload["algorithm_generator"])
-        torch.set_rng_state(payload["torch_rng"])
-        if payload["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        torch.set_rng_state(payload["torch_rng"].cpu())
         random.setstate(payload["python_rng"])
-        np.random.set_state(payload["numpy_rng"])
+        _set_numpy_rng_state(payload["numpy_rng"])
+        if payload.get("device_type") == self.device.type:
+            self.data_generator.set_state(payload["data_generator"].cpu())
+            self.algorithm_generator.set_state(payload["algorithm_generator"].cpu())
+            if payload["cuda_rng"] is not None:
+                torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng"]])
+        else:
+            # A generator's state is device-specific: continue with streams derived from the seed and
+            # the epochs run, so the data order stays a function of the run (recorded in the result).
+            self.resumed_across_devices = True
+            offset = 7_919 * self.state.epochs_run
+            seeds = derived_seeds(self.cfg.seed)
+            self.data_generator.manual_seed(seeds["data_order"] + offset)
+            self.algorithm_generator.manual_seed(seeds["algorithm"] + offset)
         self.started_at = payload.get("started_at", self.started_at)
         return True
-
-    # -- evaluation -----------------------------------------------------------------------------
-    def _accuracy(self, x: torch.Tensor, y: torch.Tensor, flops: FlopLedger, kind: str) -> float:
-        self.algorithm.eval_mode()
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        bs = self.cfg.eval_batch_size
-        with torch.no_grad():
-            for xb, yb in eval_batches(x, y, bs):
-                with self.autocast:
-                    scores = flops.run((kind, self._phase_name(), xb.shape[0]), lambda xb=xb: self.algorithm.predict(xb))
-                correct += (scores.argmax(dim=1) == yb).sum()
-        return correct.item() / max(1, x.shape[0])
-
-    def _phase_name(self) -> str:
-        return self.algorithm.phase.name if self.algorithm.phase is not None else "final"
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -202,81 +186,22 @@ class Engine:
         st = self.state
         train_flops = FlopLedger(st.train_flops, st.flops_per_step)
         eval_flops = FlopLedger(st.eval_flops)
-        phases = self.algorithm.phases()
+        phases = self.algorithm.schedule()
         total_epochs = sum(p.epochs for p in phases)
-        n_train = self.data.train_x.shape[0]
-        steps_per_epoch = num_batches(n_train, self.cfg.batch_size)
-        patience = self.cfg.patience
 
         while st.phase_index < len(phases) and st.status == "running":
             phase = phases[st.phase_index]
             if st.epoch_in_phase == 0:
                 self.algorithm.begin_phase(phase)
                 st.best_val_accuracy, st.best_epoch, st.stale_epochs = -1.0, None, 0
+                st.phase_train_time_s, st.phase_peak_memory_bytes, st.phase_reference_loss = 0.0, None, None
                 self.best_weights = None
-            self.memory.begin()
-            phase_train_time = Stopwatch(self.device)
             while st.epoch_in_phase < phase.epochs:
-                self.algorithm.train_mode()
-                loss_sum = torch.zeros((), device=self.device)
-                timer = Stopwatch(self.device)
-                self.energy.begin()
-                timer.begin()
-                for step, (xb, yb) in enumerate(train_batches(self.data, self.cfg.batch_size, self.data_generator)):
-                    kind = (phase.name, xb.shape[0], self.algorithm.flop_key())
-                    with self.autocast:
-                        out = train_flops.run(kind, lambda xb=xb, yb=yb: self.algorithm.train_step(xb, yb))
-                    loss_sum += out["loss"]
-                train_s = timer.end()
-                energy = self.energy.end()
-                phase_train_time.total_s += train_s
-                st.train_time_s += train_s
-                st.energy_j = _add_energy(st.energy_j, energy)
-                st.energy_reason = st.energy_reason or energy.reason
-                train_loss = (loss_sum / steps_per_epoch).item()  # the epoch's one sync for training
-
-                st.epoch_in_phase += 1
-                st.epochs_run += 1
-                if not math.isfinite(train_loss):
-                    st.status = "diverged"
-                    st.reason = f"training loss became {train_loss} in epoch {st.epoch_in_phase} of phase {phase.name}"
-                    st.curves.append(self._curve_row(phase.name, train_loss, None, train_s, 0.0, energy.joules))
-                    break
-
-                eval_timer = Stopwatch(self.device)
-                self.energy.begin()
-                eval_timer.begin()
-                val_accuracy = self._accuracy(self.data.val_x, self.data.val_y, eval_flops, "val")
-                eval_s = eval_timer.end()
-                st.eval_energy_j = _add_energy(st.eval_energy_j, self.energy.end())
-                st.eval_time_s += eval_s
-                st.curves.append(self._curve_row(phase.name, train_loss, val_accuracy, train_s, eval_s, energy.joules))
-
-                improved = val_accuracy > st.best_val_accuracy
-                if improved:
-                    st.best_val_accuracy, st.best_epoch, st.stale_epochs = val_accuracy, st.epoch_in_phase, 0
-                    if phase.early_stopping:
-                        self.best_weights = self.algorithm.weights_state()
-                else:
-                    st.stale_epochs += 1
-                self.progress_callback(
-                    {
-                        "phase": phase.name,
-                        "epoch": st.epoch_in_phase,
-                        "epochs_run": st.epochs_run,
-                        "total_epochs": total_epochs,
-                        "train_loss": train_loss,
-                        "val_accuracy": val_accuracy,
-                    }
-                )
-                stop = phase.early_stopping and patience is not None and st.stale_epochs >= patience
-                st.train_flops, st.eval_flops = train_flops.total, eval_flops.total
-                st.flops_per_step = train_flops.per_kind
+                stop = self._epoch(phase, train_flops, eval_flops, total_epochs)
                 if stop:
                     break
                 if st.epoch_in_phase < phase.epochs:
                     self._save_checkpoint()
-
             if st.status != "running":
                 break
             if phase.early_stopping and self.best_weights is not None:
@@ -287,8 +212,8 @@ class Engine:
                     "epochs": st.epoch_in_phase,
                     "best_epoch": st.best_epoch,
                     "best_val_accuracy": st.best_val_accuracy,
-                    "train_time_s": phase_train_time.total_s,
-                    "peak_memory_bytes": self.memory.peak(),
+                    "train_time_s": st.phase_train_time_s,
+                    "peak_memory_bytes": st.phase_peak_memory_bytes,
                 }
             )
             st.phase_index += 1
@@ -298,16 +223,81 @@ class Engine:
 
         return self._finish(resumed, train_flops, eval_flops)
 
-    def _curve_row(self, phase, train_loss, val_accuracy, train_s, eval_s, energy_j) -> dict[str, Any]:
+    def _epoch(self, phase: Phase, train_flops: FlopLedger, eval_flops: FlopLedger, total_epochs: int) -> bool:
+        """One training epoch and its validation; returns True when the phase stops early."""
+        st, cfg = self.state, self.cfg
+        clock = epoch_clock(phase, st.epoch_in_phase, st.epochs_run, self.data.train_x.shape[0], cfg.batch_size)
+        outcome = train_epoch(
+            self.algorithm, self.data, clock, self.data_generator,
+            flops=train_flops, energy=self.energy, memory=self.memory, autocast=self.autocast,
+        )
+        self._account_training(outcome)
+        st.epoch_in_phase += 1
+        st.epochs_run += 1
+        st.train_flops, st.flops_per_step = train_flops.total, train_flops.per_kind
+        if st.phase_reference_loss is None:
+            st.phase_reference_loss = outcome.first_step_loss
+        diverged = self._divergence(outcome.loss)
+        if diverged is not None:
+            st.status, st.reason = "diverged", f"{diverged} in epoch {st.epoch_in_phase} of phase {phase.name}"
+            st.curves.append(self._curve_row(phase.name, outcome, None, 0.0))
+            return True
+
+        val = evaluate(
+            self.algorithm, self.data.val_x, self.data.val_y, cfg.eval_batch_size,
+            kind="val", flops=eval_flops, energy=self.energy, autocast=self.autocast,
+        )
+        st.eval_time_s += val.seconds
+        st.probe_time_s += val.probe_s
+        st.eval_energy_j = _add(st.eval_energy_j, val.joules)
+        st.eval_flops = eval_flops.total
+        st.curves.append(self._curve_row(phase.name, outcome, val.accuracy, val.seconds))
+
+        if val.accuracy > st.best_val_accuracy:
+            st.best_val_accuracy, st.best_epoch, st.stale_epochs = val.accuracy, st.epoch_in_phase, 0
+            if phase.early_stopping:
+                self.best_weights = self.algorithm.weights_state()
+        else:
+            st.stale_epochs += 1
+        self.progress_callback(
+            {
+                "phase": phase.name,
+                "epoch": st.epoch_in_phase,
+                "epochs_run": st.epochs_run,
+                "total_epochs": total_epochs,
+                "train_loss": outcome.loss,
+                "val_accuracy": val.accuracy,
+            }
+        )
+        return phase.early_stopping and cfg.patience is not None and st.stale_epochs >= cfg.patience
+
+    def _account_training(self, outcome: EpochOutcome) -> None:
+        st = self.state
+        st.train_time_s += outcome.seconds
+        st.phase_train_time_s += outcome.seconds
+        st.probe_time_s += outcome.probe_s
+        st.energy_j = _add(st.energy_j, outcome.joules)
+        st.energy_reason = st.energy_reason or outcome.energy_reason
+        st.phase_peak_memory_bytes = _max(st.phase_peak_memory_bytes, outcome.peak_memory_bytes)
+
+    def _divergence(self, loss: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"training loss became {loss}"
+        factor, reference = self.cfg.divergence_factor, self.state.phase_reference_loss
+        if factor is not None and reference is not None and reference > 0 and loss > factor * reference:
+            return f"training loss {loss:.4g} exceeded {factor:g} x the phase's first-step loss {reference:.4g}"
+        return None
+
+    def _curve_row(self, phase: str, outcome: EpochOutcome, val_accuracy: float | None, eval_s: float) -> dict[str, Any]:
         st = self.state
         return {
             "phase": phase,
             "epoch": st.epochs_run,
-            "train_loss": train_loss if math.isfinite(train_loss) else None,
+            "train_loss": outcome.loss if math.isfinite(outcome.loss) else None,
             "val_accuracy": val_accuracy,
-            "epoch_time_s": train_s,
+            "epoch_time_s": outcome.seconds,
             "eval_time_s": eval_s,
-            "energy_j": energy_j,
+            "energy_j": outcome.joules,
             "cumulative_train_time_s": st.train_time_s,
             "cumulative_energy_j": st.energy_j,
         }
@@ -316,67 +306,14 @@ class Engine:
         st = self.state
         self.algorithm.end_training()
         test_accuracy = None
-        inference_flops_per_sample = None
         if st.status == "running":
-            timer = Stopwatch(self.device)
-            self.energy.begin()
-            timer.begin()
-            test_accuracy = self._accuracy(self.data.test_x, self.data.test_y, eval_flops, "test")
-            st.eval_time_s += timer.end()
-            st.eval_energy_j = _add_energy(st.eval_energy_j, self.energy.end())
-            probe = FlopLedger()
-            sample = self.data.test_x[: min(64, self.data.test_x.shape[0])]
-            self.algorithm.eval_mode()
-            with torch.no_grad():
-                probe.run("probe", lambda: self.algorithm.predict(sample))
-            inference_flops_per_sample = probe.total / sample.shape[0]
+            test = evaluate(
+                self.algorithm, self.data.test_x, self.data.test_y, self.cfg.eval_batch_size,
+                kind="test", flops=eval_flops, energy=self.energy, autocast=self.autocast,
+            )
+            test_accuracy = test.accuracy
+            st.eval_time_s += test.seconds
+            st.probe_time_s += test.probe_s
+            st.eval_energy_j = _add(st.eval_energy_j, test.joules)
             st.status = "completed"
-        peaks = [p["peak_memory_bytes"] for p in st.phases if p.get("peak_memory_bytes") is not None]
-        if st.status == "diverged":
-            peaks.append(self.memory.peak())
-        energy_j = st.energy_j if self.energy.available else None
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "status": st.status,
-            "reason": st.reason,
-            "algorithm": self.cfg.algorithm,
-            "dataset": self.cfg.dataset,
-            "model": self.cfg.model,
-            "seed": self.cfg.seed,
-            "seeds": self.seeds,
-            "config_key": self.cfg.key(),
-            "config": self.cfg.resolved(),
-            "paper": self.algorithm.paper,
-            "deviations": list(self.algorithm.deviations),
-            "test_accuracy": test_accuracy,
-            # The final model's validation accuracy: the last phase's best (its weights are the ones tested).
-            "best_val_accuracy": st.phases[-1]["best_val_accuracy"] if st.phases else None,
-            "epochs_run": st.epochs_run,
-            "curves": st.curves,
-            "phases": st.phases,
-            "train_time_s": st.train_time_s,
-            "eval_time_s": st.eval_time_s,
-            "train_flops": train_flops.total,
-            "eval_flops": eval_flops.total,
-            "flops_per_step": train_flops.per_kind,
-            "inference_flops_per_sample": inference_flops_per_sample,
-            "flops_method": "torch.utils.flop_counter.FlopCounterMode on every step kind actually run",
-            "peak_memory_bytes": max(peaks) if peaks else None,
-            "memory_method": self.memory.method,
-            "energy_j": energy_j,
-            "eval_energy_j": st.eval_energy_j if self.energy.available else None,
-            "energy_method": self.energy.method if energy_j is not None else None,
-            "energy_reason": None if energy_j is not None else (self.energy.reason or st.energy_reason),
-            **self.algorithm.parameter_counts(),
-            "data": {
-                "n_train": self.data.spec.n_train,
-                "n_val": self.data.spec.n_val,
-                "n_test": self.data.spec.n_test,
-                "input_shape": list(self.data.spec.input_shape),
-                "num_classes": self.data.spec.num_classes,
-            },
-            "resumed": resumed,
-            "started_at": self.started_at,
-            "finished_at": datetime.now(timezone.utc).isoformat(),
-            "environment": environment(self.device),
-        }
+        return result_record(self, resumed, train_flops, eval_flops, test_accuracy)

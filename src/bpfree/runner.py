@@ -17,7 +17,6 @@ def execute(
     run_dir: Path | None = None,
     progress: ProgressCallback | None = None,
     keep_checkpoint: bool = False,
-    engine_factory=Engine,
 ) -> tuple[Path, dict[str, Any]]:
     """Train ``cfg`` and write ``<output>/<run_id>/result.json``; returns (run_dir, result).
 
@@ -27,7 +26,7 @@ def execute(
     output = ensure_writable_dir(cfg.output if run_dir is None else Path(run_dir).parent)
     run_id = new_run_id(cfg) if run_dir is None else Path(run_dir).name
     run_dir = output / run_id
-    engine = engine_factory(cfg, run_dir=run_dir, progress=progress)
+    engine = Engine(cfg, run_dir=run_dir, progress=progress)
     if not (run_dir / CONFIG_FILE).exists():
         atomic_write_json(run_dir / CONFIG_FILE, {"run_id": run_id, "config": cfg.model_dump(mode="json")})
     result = {"run_id": run_id, **engine.run()}

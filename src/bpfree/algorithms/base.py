@@ -7,17 +7,22 @@ Contract for implementers:
 - ``phases()`` returns the training schedule; the engine runs each phase for up to ``epochs``
   epochs with early stopping on validation accuracy (as reported by ``predict`` in that phase)
   and restores the phase's best weights at its end.
+- ``begin_epoch(clock)`` is called before every training epoch with the engine's :class:`EpochClock`
+  (phase, epoch, steps); epoch-level schedules (LR cooldown, which block trains) are set here, never
+  inferred from step counters. ``end_epoch()`` runs after the epoch's last step, inside the timed and
+  FLOP-counted training window; work that closes an epoch (a closed-form solve) belongs there.
 - ``train_step(x, y)`` does one update and returns detached scalar tensors, at least ``loss``.
-  No ``.item()``, no host sync, no Python branching on tensor values.
+  No ``.item()``, no host sync, no Python branching on tensor values or step counts, so the step
+  can be captured (CUDA graphs, torch.compile): every step of an epoch runs the same operators.
 - ``predict(x)`` returns class scores (argmax is the prediction) under ``torch.no_grad`` in eval
-  mode. While a phase runs it reflects that phase (e.g. the layer being trained); after training
-  (``phase is None``) it is the final inference rule.
+  mode and never changes weights. While a phase runs it reflects that phase (e.g. the layer being
+  trained); after training (``phase is None``) it is the final inference rule.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +43,24 @@ class Phase:
     name: str
     epochs: int
     early_stopping: bool = True  # stop on validation accuracy and restore the best weights
+    index: int = 0  # position in the schedule (set by Algorithm.schedule)
+
+
+@dataclass(frozen=True)
+class EpochClock:
+    """Where the engine is, handed to the algorithm at the start of every training epoch."""
+
+    phase: Phase
+    epoch: int  # 0-based epoch within the phase
+    epochs_run: int  # epochs completed before this one, all phases together
+    steps: int  # training steps in this epoch
+    n_train: int
+    batch_size: int
+
+    @property
+    def samples(self) -> int:
+        """Training samples this epoch's steps see (fewer than n_train when a last partial batch is dropped)."""
+        return min(self.n_train, self.steps * self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -63,13 +86,22 @@ class SearchDim:
     choices: tuple[Any, ...] = ()
 
 
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Scale every group's ``initial_lr`` by ``factor`` (in place when lr is a tensor, as captured steps need)."""
+    for group in optimizer.param_groups:
+        base = group.setdefault("initial_lr", float(group["lr"]))
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(base * factor)
+        else:
+            group["lr"] = base * factor
+
+
 def make_optimizer(
     parameters: Any, settings: TrainSettings, lr: float | None = None, weight_decay: float | None = None
 ) -> torch.optim.Optimizer:
     """The run's optimiser; the fused kernels (one pass over all parameters) where torch has them.
 
-    On CPU the fused Adam step is about 8x faster than the per-tensor loop on a 10M-parameter MLP,
-    which matters when BP and a local method are compared per epoch.
+    Fused kernels matter when BP and a local method are compared per epoch (see BENCHMARKS.md).
     """
     lr = settings.lr if lr is None else lr
     wd = settings.weight_decay if weight_decay is None else weight_decay
@@ -123,20 +155,32 @@ class Algorithm(ABC):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.phase: Phase | None = None
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     # -- schedule -------------------------------------------------------------------------------
     def phases(self) -> list[Phase]:
         return [Phase("train", self.settings.epochs)]
 
+    def schedule(self) -> list[Phase]:
+        """``phases()`` with each phase's index set; the engine runs this list."""
+        return [replace(phase, index=i) for i, phase in enumerate(self.phases())]
+
     def begin_phase(self, phase: Phase) -> None:
         self.phase = phase
+
+    def begin_epoch(self, clock: EpochClock) -> None:
+        """Epoch-level schedule (override): called before the epoch's first step."""
+        del clock
+
+    def end_epoch(self) -> dict[str, torch.Tensor]:
+        """Work that closes the epoch (override); a returned ``loss`` is the epoch's training loss."""
+        return {}
 
     def end_training(self) -> None:
         """Switch ``predict`` to the final inference rule."""
         self.phase = None
-
-    def flop_key(self) -> Any:
-        """Steps with equal keys (within a phase and batch size) cost the same FLOPs."""
-        return None
 
     # -- learning -------------------------------------------------------------------------------
     @abstractmethod

@@ -43,12 +43,11 @@ Losses (``params.loss``), z = h W, y one-hot:
   w.r.t. z is sparsemax(z) - y (so w.r.t. W it is h (sparsemax(z) - y)^T); run's optimiser.
 - ``mse``: with ``mse_solver=closed_form`` (default) W = (H^T H + ridge I)^-1 H^T Y over the
   training features. Each predictor phase then lasts exactly one epoch: every ``train_step``
-  accumulates H^T H and H^T Y (float64) from its batch, and the step that completes the epoch
-  solves the system (Cholesky for ridge > 0; for ridge = 0, the paper's default, the
-  pseudo-inverse through a symmetric eigendecomposition), so the solve is timed as training and
-  validation sees the solved W. That step's ``loss`` is the exact training MSE (from the
-  accumulators) times the number of steps, so the epoch's mean loss equals the training MSE; the
-  other steps report 0. ``mse_solver=gradient`` minimises 1/2 ||z - y||^2 with the optimiser.
+  accumulates H^T H and H^T Y (float64) from its batch, and ``end_epoch`` solves the system
+  (Cholesky for ridge > 0; for ridge = 0, the paper's default, the pseudo-inverse through a
+  symmetric eigendecomposition), so the solve is timed and FLOP-counted as training and validation
+  sees the solved W. ``end_epoch`` reports the exact training MSE (from the accumulators) as the
+  epoch's loss. ``mse_solver=gradient`` minimises 1/2 ||z - y||^2 with the optimiser.
 
 Feature computation: the engine feeds raw batches, so every predictor step recomputes the
 frozen blocks under ``no_grad`` (honest cost, as the prior study; E7). Caching features across
@@ -60,7 +59,6 @@ Deviations (declared in ``deviations``, each with its switch where one exists) a
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -69,7 +67,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from bpfree.algorithms import register
-from bpfree.algorithms.base import Algorithm, Phase, SearchDim, make_optimizer
+from bpfree.algorithms.base import Algorithm, EpochClock, Phase, SearchDim, make_optimizer
 
 # -- sparsemax (Martins & Astudillo 2016) --------------------------------------------------------
 
@@ -125,7 +123,6 @@ class FixedFeedback(nn.Module):
 
     def __init__(self, matrices: list[torch.Tensor]) -> None:
         super().__init__()
-        self.count = len(matrices)
         for i, matrix in enumerate(matrices):
             self.register_buffer(f"b{i}", matrix)
 
@@ -229,11 +226,12 @@ class CascadedForward(Algorithm):
         self._active: list[int] = list(range(self.num_blocks))  # predictors trained in this phase
         self._readout: list[int] = list(range(self.num_blocks))  # predictors summed by predict
         self._bn_momentum = {id(m): m.momentum for m in self._batchnorms()}
+        self._samples = 0  # training samples of the current epoch (closed form: the solve's n)
         self._reset_accumulators()
 
     @property
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.device
 
     def _batchnorms(self) -> list[nn.modules.batchnorm._BatchNorm]:
         return [m for m in self.model.blocks.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -285,16 +283,22 @@ class CascadedForward(Algorithm):
             params = [q for k in self._active for q in self.aux["predictors"][k].parameters()]
             self.optimizers[phase.name] = make_optimizer(params, self.settings)
 
+    def begin_epoch(self, clock: EpochClock) -> None:
+        if self._mode == "predictors" and self.closed_form:
+            self._samples = clock.samples
+            self._allocate_accumulators()
+
+    def end_epoch(self) -> dict[str, torch.Tensor]:
+        if self._mode != "predictors" or not self.closed_form:
+            return {}
+        mse = self._solve().float()
+        return {"loss": mse, "train_mse": mse}
+
     def end_training(self) -> None:
         super().end_training()
         self._mode = "final"
         self._active, self._readout = [], list(range(self.num_blocks))
         self._reset_accumulators()
-
-    def flop_key(self):
-        if self._mode == "predictors" and self.closed_form:
-            return "solve" if self._seen + self.settings.batch_size >= self.spec.n_train else "accumulate"
-        return None
 
     # -- modes ----------------------------------------------------------------------------------
     def train_mode(self) -> None:
@@ -324,8 +328,6 @@ class CascadedForward(Algorithm):
             for block in self.model.blocks:
                 h = block(h)
             return self.aux["dfa_head"](h.flatten(1))
-        if self._gram:  # safety net: an accumulation epoch that never reached its solving step
-            self._solve()
         feats = self._features(x, max(self._readout))
         predictors = self.aux["predictors"]
         return torch.stack([self._block_scores(predictors[k](feats[k])) for k in self._readout]).sum(0)
@@ -392,10 +394,18 @@ class CascadedForward(Algorithm):
 
     # -- closed-form least squares --------------------------------------------------------------
     def _reset_accumulators(self) -> None:
-        self._seen = 0
         self._gram: dict[int, torch.Tensor] = {}
         self._hty: dict[int, torch.Tensor] = {}
         self._yty: torch.Tensor | None = None
+
+    def _allocate_accumulators(self) -> None:
+        """Zeroed H^T H, H^T Y and Y^T Y for the active predictors, before the epoch's first step."""
+        extra = 1 if self.params.predictor_bias else 0
+        classes, device = self.spec.num_classes, self._device
+        dims = list(self.model.block_dims)
+        self._gram = {k: torch.zeros(dims[k] + extra, dims[k] + extra, dtype=torch.float64, device=device) for k in self._active}
+        self._hty = {k: torch.zeros(dims[k] + extra, classes, dtype=torch.float64, device=device) for k in self._active}
+        self._yty = torch.zeros((), dtype=torch.float64, device=device)
 
     def _design(self, h: torch.Tensor) -> torch.Tensor:
         h = h.double()
@@ -407,25 +417,15 @@ class CascadedForward(Algorithm):
         target = F.one_hot(y, self.spec.num_classes).double()
         for k in self._active:
             h = self._design(feats[k])
-            if k not in self._gram:
-                self._gram[k] = torch.zeros(h.shape[1], h.shape[1], dtype=torch.float64, device=h.device)
-                self._hty[k] = torch.zeros(h.shape[1], target.shape[1], dtype=torch.float64, device=h.device)
             self._gram[k].addmm_(h.T, h)
             self._hty[k].addmm_(h.T, target)
-        yty = (target * target).sum()
-        self._yty = yty if self._yty is None else self._yty + yty
-        self._seen += y.shape[0]
-        if self._seen < self.spec.n_train:
-            return {"loss": torch.zeros((), device=y.device)}
-        mse = self._solve()
-        steps = math.ceil(self.spec.n_train / self.settings.batch_size)
-        # Reported so that the epoch's mean loss equals the training MSE of the solved predictors.
-        return {"loss": (mse * steps).float(), "train_mse": mse.float()}
+        self._yty.add_((target * target).sum())
+        return {"loss": torch.zeros((), device=y.device)}  # the epoch's loss comes from end_epoch
 
     def _solve(self) -> torch.Tensor:
         """Solve every active predictor; returns their summed training MSE (1/2 ||HW - Y||^2 / n)."""
         total = torch.zeros((), dtype=torch.float64, device=self._device)
-        n = self._seen
+        n = self._samples
         with torch.no_grad():
             for k in self._active:
                 w = ridge_solve(self._gram[k], self._hty[k], self.params.ridge)

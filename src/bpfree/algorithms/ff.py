@@ -45,7 +45,7 @@ Peer normalisation (loeweX): a running mean r (momentum 0.9, initial 0.5) of eac
 activity on positives; the penalty mean_j (mean_k r_k - r_j)^2, weight 0.03, gets its gradient
 through the current batch's mean. Linear LR cooldown (loeweX): lr for 1-based epoch e of the
 phase's E configured epochs is lr0 while e <= E/2, then lr0 * 2 (1 + E - e) / E (a run that stops
-early may never reach it); the epoch is counted from the algorithm's own step counter.
+early may never reach it); the epoch comes from the engine's epoch clock (``begin_epoch``).
 
 Defaults follow loeweX (the reference's suggested FF defaults): simultaneous schedule, theta = width,
 peer normalisation, full-grad ReLU, cooldown, and the softmax head for inference, which is one
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bpfree.algorithms import register
-from bpfree.algorithms.base import Algorithm, Phase, SearchDim, make_optimizer
+from bpfree.algorithms.base import Algorithm, EpochClock, Phase, SearchDim, make_optimizer, set_lr
 
 EPS = 1e-8
 
@@ -166,9 +166,6 @@ class ForwardForward(Algorithm):
             nn.init.zeros_(head.weight)
             self.aux["head"] = head
         self._layer = self._depth - 1  # the last layer trained (layer-wise phase), 0-based
-        self._step = 0  # steps taken in this phase, for the LR cooldown
-        self._steps_per_epoch = max(1, math.ceil(self.spec.n_train / self.settings.batch_size))
-        self._epochs = self.settings.epochs
         if p.schedule == "simultaneous":
             self.optimizers["ff"] = self._make_optimizer(range(self._depth), head=self._train_head)
 
@@ -180,10 +177,7 @@ class ForwardForward(Algorithm):
             head_params = list(self.aux["head"].parameters())
             head_wd = self.params.head_weight_decay
             groups.append({"params": head_params, "lr": self.params.head_lr, "weight_decay": head_wd})
-        optimizer = make_optimizer(groups, self.settings)
-        for group in optimizer.param_groups:
-            group["base_lr"] = group["lr"]
-        return optimizer
+        return make_optimizer(groups, self.settings)
 
     def phases(self) -> list[Phase]:
         if self.params.schedule == "simultaneous":
@@ -192,12 +186,17 @@ class ForwardForward(Algorithm):
 
     def begin_phase(self, phase: Phase) -> None:
         super().begin_phase(phase)
-        self._step = 0
-        self._epochs = phase.epochs
         if self.params.schedule == "layerwise":
             self._layer = int(phase.name.removeprefix("layer")) - 1
             head = self._train_head and self._head_reads(self._layer)
             self.optimizers = {phase.name: self._make_optimizer([self._layer], head=head)}
+
+    def begin_epoch(self, clock: EpochClock) -> None:
+        if self.params.lr_cooldown:  # linear cooldown over the second half of the phase's epochs
+            e, total = clock.epoch + 1, clock.phase.epochs
+            factor = 1.0 if e <= total / 2 else max(0.0, 2.0 * (1 + total - e) / total)
+            for optimizer in self.optimizers.values():
+                set_lr(optimizer, factor)
 
     def end_training(self) -> None:
         super().end_training()
@@ -289,12 +288,6 @@ class ForwardForward(Algorithm):
             out["head_loss"] = head_loss.detach()
 
         optimizer = next(iter(self.optimizers.values()))
-        if self.params.lr_cooldown:
-            epoch = self._step // self._steps_per_epoch + 1
-            factor = 1.0 if epoch <= self._epochs / 2 else max(0.0, 2.0 * (1 + self._epochs - epoch) / self._epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-        self._step += 1
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -345,8 +338,7 @@ class ForwardForward(Algorithm):
         return self.goodness_scores(x, top)
 
     def extra_state(self) -> dict:
-        return {"layer": self._layer, "step": self._step}
+        return {"layer": self._layer}
 
     def load_extra_state(self, state: dict) -> None:
         self._layer = state.get("layer", self._layer)
-        self._step = state.get("step", self._step)

@@ -55,7 +55,8 @@ class MonoForward(Algorithm):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         classes = self.spec.num_classes
-        self.aux["projections"] = nn.ModuleList(nn.Linear(n, classes, bias=False) for n in self.model.block_dims)
+        projections = nn.ModuleList(nn.Linear(n, classes, bias=False) for n in self.model.block_dims)
+        self.aux["projections"] = projections.to(self.device)  # before the optimiser is built over them
         if self.params.schedule == "simultaneous":
             self.optimizers["all"] = make_optimizer(self._layer_parameters(range(len(self.model.blocks))), self.settings)
         self._layer = len(self.model.blocks) - 1

@@ -36,11 +36,10 @@ forward/backward passes as batched (grouped) operators. A single elementwise opt
 AdamW, SGD) on the stacked tensors is exactly T independent per-block optimisers with one step
 count. ``parallel: false`` (default) loops over the blocks, calling backward per block so that only
 one block's activations are alive at a time (NoProp's memory advantage); ``parallel: true`` keeps
-all T blocks' activations alive at once (speed for memory: fewer, larger kernels, which pays on a
-GPU; on a CPU core it measured no faster). Both give the same numbers for the same seed (same noise
-and dropout masks, drawn from the algorithm generator in the same order). Note: torch's FLOP formula
-for a grouped convolution's backward counts grad_weight ``groups`` (= T) times over, so the engine's
-FLOP count of a parallel step is inflated (3.3x for noprop:10,c4) until the meter corrects it.
+all T blocks' activations alive at once (speed for memory: fewer, larger kernels; see BENCHMARKS.md).
+Both give the same numbers for the same seed (same noise and dropout masks, drawn from the algorithm
+generator in the same order). The FLOP meter counts a grouped convolution's weight gradient once, so
+parallel and sequential steps count the same FLOPs.
 
 Inference (paper Eq. 3, spec §5.7): z_0 ~ N(0, I), then for t = 1..T
   z_t = a_t û_θt(z_{t-1}, x) + b_t z_{t-1} + √c_t ε_t
@@ -59,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.func import functional_call, vmap
 
 from bpfree.algorithms import register
-from bpfree.algorithms.base import Algorithm, SearchDim, make_optimizer
+from bpfree.algorithms.base import Algorithm, EpochClock, SearchDim, make_optimizer
 from bpfree.models.noprop_net import snr
 
 
@@ -141,8 +140,7 @@ class NoProp(Algorithm):
             out_params.append(model.embed)
         self.optimizers["out"] = make_optimizer(out_params, self.settings)
 
-        self._steps_per_epoch = max(1, math.ceil(self.spec.n_train / self.settings.batch_size))
-        self._step = 0  # counts train steps (loop=paper picks the block from it)
+        self._paper_block = 1  # loop=paper: the block this epoch trains (set by begin_epoch)
         self._eval_seed = int(self.generator.initial_seed()) + 7_919
         self._eval_generator = torch.Generator(device=self.generator.device)
 
@@ -210,9 +208,8 @@ class NoProp(Algorithm):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)  # idle parameters keep grad None: no momentum/decay drift
-        self._step += 1
         if self.params.loop == "paper":
-            return self._paper_step(x, y, self._block_of_step(self._step - 1))
+            return self._paper_step(x, y, self._paper_block)
         model, T = self.model, self.T
         learned = model.embedding_learned
         eps, eps_T, masks = self._draw(T, x.shape[0], x)
@@ -259,12 +256,13 @@ class NoProp(Algorithm):
         kl = kl.detach()
         return {"loss": l2 + ce + kl, "l2": l2, "mse": mse, "ce": ce, "kl": kl}
 
-    def _block_of_step(self, step: int) -> int:
-        return (step // self._steps_per_epoch) % self.T + 1
+    def begin_epoch(self, clock: EpochClock) -> None:
+        # loop=paper: engine epoch k trains block (k mod T) + 1, so T engine epochs are one paper epoch.
+        self._paper_block = clock.epoch % self.T + 1
 
     def current_block(self) -> int:
-        """loop=paper: the block (1-based) the next step trains (one engine epoch per block)."""
-        return self._block_of_step(self._step)
+        """loop=paper: the block (1-based) this epoch trains."""
+        return self._paper_block
 
     def _paper_step(self, x: torch.Tensor, y: torch.Tensor, t: int) -> dict[str, torch.Tensor]:
         eps, eps_T, masks = self._draw(1, x.shape[0], x)
@@ -291,9 +289,3 @@ class NoProp(Algorithm):
                 z = model.chain(x, x.new_zeros(shape), noise=False)
             return model.head(z)
 
-    # -- state ----------------------------------------------------------------------------------
-    def extra_state(self) -> dict:
-        return {"step": self._step}
-
-    def load_extra_state(self, state: dict) -> None:
-        self._step = state.get("step", self._step)

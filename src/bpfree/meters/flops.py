@@ -1,6 +1,6 @@
 """Training and inference FLOPs counted by ``torch.utils.flop_counter`` on the steps actually run.
 
-The first step of every distinct kind (phase, batch size, algorithm key) runs under
+The first step of every distinct kind (phase, batch size) runs under
 ``FlopCounterMode``; every later step of the same kind adds the same count. Steps of one kind run
 identical operators on identically shaped tensors, so the total equals counting every step, at the
 cost of one instrumented step per kind. Only operators with FLOP formulas count (matmul, conv,
@@ -41,26 +41,49 @@ def flop_counter() -> FlopCounterMode:
 
 
 class FlopLedger:
+    """Training or evaluation FLOPs: each kind of step is counted once, then multiplied by its count."""
+
     def __init__(self, total: int = 0, per_kind: dict[str, int] | None = None) -> None:
         self.total = total
         self._per_step: dict[Hashable, int] = {}
         self.per_kind = dict(per_kind or {})  # readable summary: kind -> FLOPs per step
 
+    def knows(self, kind: Hashable) -> bool:
+        return kind in self._per_step
+
+    def add(self, kind: Hashable) -> None:
+        """One more step of a kind already counted."""
+        self.total += self._per_step[kind]
+
+    def add_counted(self, kind: Hashable, flops: int) -> None:
+        """A step counted by the caller (work that is counted every time it runs)."""
+        self._per_step[kind] = flops
+        self.per_kind[kind_label(kind)] = flops
+        self.total += flops
+
     def run(self, kind: Hashable, fn: Callable[[], T]) -> T:
         """Run ``fn`` (one step), counting its FLOPs the first time this kind is seen."""
         if kind in self._per_step:
-            self.total += self._per_step[kind]
+            self.add(kind)
             return fn()
-        with flop_counter() as counter:
-            out = fn()
-        flops = int(counter.get_total_flops())
-        self._per_step[kind] = flops
-        self.per_kind[str(kind)] = flops
-        self.total += flops
+        out, flops = run_counted(fn)
+        self.add_counted(kind, flops)
         return out
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
+def kind_label(kind: Hashable) -> str:
+    """``("train", 128)`` -> ``"train/128"``: a readable, JSON-friendly key."""
+    if isinstance(kind, tuple):
+        return "/".join(str(part) for part in kind)
+    return str(kind)
+
+
+def run_counted(fn: Callable[[], T]) -> tuple[T, int]:
+    """Run ``fn`` under the FLOP counter; returns its result and the FLOPs counted."""
     with flop_counter() as counter:
-        fn()
-    return int(counter.get_total_flops())
+        out = fn()
+    return out, int(counter.get_total_flops())
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    return run_counted(fn)[1]

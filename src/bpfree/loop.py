@@ -1,0 +1,240 @@
+"""One training epoch, one evaluation and one measured window: the loop that the engine, ``bpfree
+bench`` and the tests share.
+
+A :class:`MeasuredWindow` reads the clock, the energy counters and the peak-memory meter at its
+edges only (after synchronising the device), never inside a step. The first step of every kind
+(phase x batch size) runs under the FLOP counter; that step is real training, but the counter's
+own overhead would inflate the epoch time, so it runs in an *excluded* stretch of the window and
+its time is reported apart (``probe_s``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from bpfree.algorithms.base import Algorithm, EpochClock
+from bpfree.data import Splits, eval_batches, num_batches, train_batches
+from bpfree.meters.energy import EnergyMeter
+from bpfree.meters.flops import FlopLedger, run_counted
+from bpfree.meters.memory import MemoryMeter
+from bpfree.meters.timer import synchronize
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps in the epoch); no tensor values
+
+
+class MeasuredWindow:
+    """Wall time, energy and peak memory over one window; :meth:`excluded` carves a stretch out.
+
+    Energy is ``None`` when no counter is readable (``reason`` says why) or when any part of the
+    window failed to read; it is never 0 for "unknown".
+    """
+
+    def __init__(self, device: torch.device, energy: EnergyMeter | None = None, memory: MemoryMeter | None = None) -> None:
+        self.device = device
+        self.energy = energy
+        self.memory = memory
+        self.seconds = 0.0
+        self.excluded_s = 0.0
+        self.joules: float | None = 0.0 if energy is not None and energy.available else None
+        self.reason: str | None = None if energy is not None and energy.available else (
+            energy.reason if energy is not None else "no energy meter"
+        )
+        self.peak_memory_bytes: int | None = None
+        self._start: float | None = None
+
+    def __enter__(self) -> MeasuredWindow:
+        if self.memory is not None:
+            self.memory.begin()
+        self._open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+        if self.memory is not None:
+            self.peak_memory_bytes = self.memory.peak()
+
+    def _open(self) -> None:
+        if self.energy is not None:
+            self.energy.begin()
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def _close(self) -> None:
+        synchronize(self.device)
+        assert self._start is not None, "window closed before it was opened"
+        self.seconds += time.perf_counter() - self._start
+        self._start = None
+        if self.energy is not None:
+            reading = self.energy.end()
+            if reading.joules is None:
+                self.joules, self.reason = None, self.reason or reading.reason
+            elif self.joules is not None:
+                self.joules += reading.joules
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Run a stretch outside the window (FLOP probes, warm-up); its wall time goes to ``excluded_s``."""
+        self._close()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.excluded_s += time.perf_counter() - start
+            self._open()
+
+
+@dataclass
+class EpochOutcome:
+    """What one training epoch produced; ``loss`` is read once, after the window closed."""
+
+    loss: float
+    first_step_loss: float | None  # the scale the divergence rule compares against
+    steps: int
+    seconds: float
+    probe_s: float
+    joules: float | None
+    energy_reason: str | None
+    peak_memory_bytes: int | None
+    closing: dict[str, float] = field(default_factory=dict)  # what end_epoch reported, as floats
+
+
+def epoch_clock(algorithm_phase, epoch: int, epochs_run: int, n_train: int, batch_size: int) -> EpochClock:
+    return EpochClock(algorithm_phase, epoch, epochs_run, num_batches(n_train, batch_size), n_train, batch_size)
+
+
+def train_epoch(
+    algorithm: Algorithm,
+    data: Splits,
+    clock: EpochClock,
+    generator: torch.Generator,
+    *,
+    flops: FlopLedger | None = None,
+    energy: EnergyMeter | None = None,
+    memory: MemoryMeter | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+    step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    on_step: StepCallback | None = None,
+) -> EpochOutcome:
+    """Run one epoch: ``begin_epoch``, every step, ``end_epoch``; all of it inside one measured window.
+
+    ``step`` replaces ``algorithm.train_step`` (a captured version of it); FLOPs of the first step of
+    each kind are counted with the algorithm's own eager step. The epoch's loss is the mean of the
+    steps' ``loss``, unless ``end_epoch`` reports one (e.g. the closed-form solve's training MSE).
+    """
+    device = data.device
+    autocast = autocast or contextlib.nullcontext()
+    run_step = step or algorithm.train_step
+    algorithm.train_mode()
+    algorithm.begin_epoch(clock)
+    loss_sum = torch.zeros((), device=device)
+    first_loss: torch.Tensor | None = None
+    steps = 0
+    with MeasuredWindow(device, energy, memory) as window:
+        for xb, yb in train_batches(data, clock.batch_size, generator):
+            kind = (clock.phase.name, xb.shape[0])
+            if flops is not None and not flops.knows(kind):
+                with window.excluded(), autocast:
+                    out = flops.run(kind, lambda xb=xb, yb=yb: algorithm.train_step(xb, yb))
+            else:
+                with autocast:
+                    out = run_step(xb, yb)
+                if flops is not None:
+                    flops.add(kind)
+            loss_sum += out["loss"]
+            if first_loss is None:
+                first_loss = out["loss"].detach().clone()
+            steps += 1
+            if on_step is not None:
+                on_step(steps, clock.steps)
+        with autocast:
+            if flops is not None:
+                closing, closing_flops = run_counted(algorithm.end_epoch)
+                if closing_flops:
+                    flops.add_counted((clock.phase.name, "end_epoch"), closing_flops)
+            else:
+                closing = algorithm.end_epoch()
+    values = {k: float(v) for k, v in closing.items()}  # after the window: its syncs are not timed
+    loss = values["loss"] if "loss" in values else float(loss_sum / max(1, steps))
+    return EpochOutcome(
+        loss=loss,
+        first_step_loss=float(first_loss) if first_loss is not None else None,
+        steps=steps,
+        seconds=window.seconds,
+        probe_s=window.excluded_s,
+        joules=window.joules,
+        energy_reason=window.reason,
+        peak_memory_bytes=window.peak_memory_bytes,
+        closing=values,
+    )
+
+
+@dataclass
+class EvalOutcome:
+    accuracy: float
+    seconds: float
+    probe_s: float
+    joules: float | None
+    energy_reason: str | None
+
+
+def evaluate(
+    algorithm: Algorithm,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    *,
+    kind: str = "val",
+    flops: FlopLedger | None = None,
+    energy: EnergyMeter | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> EvalOutcome:
+    """Accuracy of ``algorithm.predict`` on (x, y) in eval mode, in one measured window (one host sync)."""
+    autocast = autocast or contextlib.nullcontext()
+    phase = algorithm.phase.name if algorithm.phase is not None else "final"
+    algorithm.eval_mode()
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    with MeasuredWindow(x.device, energy) as window, torch.no_grad():
+        for xb, yb in eval_batches(x, y, batch_size):
+            step_kind = (kind, phase, xb.shape[0])
+            if flops is not None and not flops.knows(step_kind):
+                with window.excluded(), autocast:
+                    scores = flops.run(step_kind, lambda xb=xb: algorithm.predict(xb))
+            else:
+                with autocast:
+                    scores = algorithm.predict(xb)
+                if flops is not None:
+                    flops.add(step_kind)
+            correct += (scores.argmax(dim=1) == yb).sum()
+    return EvalOutcome(
+        accuracy=correct.item() / max(1, x.shape[0]),
+        seconds=window.seconds,
+        probe_s=window.excluded_s,
+        joules=window.joules,
+        energy_reason=window.reason,
+    )
+
+
+def inference_flops_per_sample(algorithm: Algorithm, sample: torch.Tensor) -> float:
+    """FLOPs of the final inference rule per sample, counted on a small batch."""
+    algorithm.eval_mode()
+    with torch.no_grad():
+        _, total = run_counted(lambda: algorithm.predict(sample))
+    return total / max(1, sample.shape[0])
+
+
+__all__ = [
+    "EpochOutcome",
+    "EvalOutcome",
+    "MeasuredWindow",
+    "StepCallback",
+    "epoch_clock",
+    "evaluate",
+    "inference_flops_per_sample",
+    "train_epoch",
+]

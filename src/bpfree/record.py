@@ -1,0 +1,86 @@
+"""The result record of one run: what it reached, what it cost, how it was measured, where it ran."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bpfree.loop import inference_flops_per_sample
+from bpfree.meters.environment import environment
+from bpfree.meters.flops import FlopLedger
+from bpfree.results import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from bpfree.engine import Engine
+
+FLOPS_METHOD = "torch.utils.flop_counter.FlopCounterMode on every step kind actually run"
+
+
+def result_record(
+    engine: Engine, resumed: bool, train_flops: FlopLedger, eval_flops: FlopLedger, test_accuracy: float | None
+) -> dict[str, Any]:
+    from bpfree.engine import DIVERGENCE_RULE
+
+    st, cfg, data, algorithm = engine.state, engine.cfg, engine.data, engine.algorithm
+    inference_flops = None
+    if st.status == "completed":
+        sample = data.test_x[: min(64, data.test_x.shape[0])]
+        inference_flops = inference_flops_per_sample(algorithm, sample)
+    peaks = [p["peak_memory_bytes"] for p in st.phases if p.get("peak_memory_bytes") is not None]
+    if st.status == "diverged" and st.phase_peak_memory_bytes is not None:
+        peaks.append(st.phase_peak_memory_bytes)
+    energy_available = engine.energy.available
+    energy_j = st.energy_j if energy_available else None
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": st.status,
+        "reason": st.reason,
+        "algorithm": cfg.algorithm,
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "seeds": engine.seeds,
+        "config_key": cfg.key(),
+        "config": cfg.resolved(),
+        "paper": algorithm.paper,
+        "deviations": list(algorithm.deviations),
+        "test_accuracy": test_accuracy,
+        # The final model's validation accuracy: the last phase's best (its weights are the ones tested).
+        "best_val_accuracy": st.phases[-1]["best_val_accuracy"] if st.phases else None,
+        "epochs_run": st.epochs_run,
+        "curves": st.curves,
+        "phases": st.phases,
+        "train_time_s": st.train_time_s,
+        "eval_time_s": st.eval_time_s,
+        # The first step of each kind ran under the FLOP counter, timed apart from train/eval time.
+        "probe_time_s": st.probe_time_s,
+        "train_flops": train_flops.total,
+        "eval_flops": eval_flops.total,
+        "flops_per_step": train_flops.per_kind,
+        "inference_flops_per_sample": inference_flops,
+        "flops_method": FLOPS_METHOD,
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "memory_method": engine.memory.method,
+        "energy_j": energy_j,
+        "eval_energy_j": st.eval_energy_j if energy_available else None,
+        "energy_method": engine.energy.method if energy_j is not None else None,
+        "energy_reason": None if energy_j is not None else (engine.energy.reason or st.energy_reason),
+        **algorithm.parameter_counts(),
+        "data": {
+            "n_train": data.spec.n_train,
+            "n_val": data.spec.n_val,
+            "n_test": data.spec.n_test,
+            "input_shape": list(data.spec.input_shape),
+            "num_classes": data.spec.num_classes,
+        },
+        "device_type": engine.device.type,
+        "divergence_rule": {"rule": DIVERGENCE_RULE, "divergence_factor": cfg.divergence_factor},
+        "resumed": resumed,
+        "resumed_across_devices": engine.resumed_across_devices,
+        "started_at": engine.started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "environment": environment(engine.device),
+        "torch_threads": torch.get_num_threads(),
+    }
