@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Tests run on CPU whatever the machine has, so numbers are comparable and CI-stable.
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Tests run on CPU whatever the machine has, so numbers are comparable and CI-stable; the GPU tests
+# (`BPFREE_GPU_TESTS=1 pytest -m gpu`) keep the devices visible.
+if os.environ.get("BPFREE_GPU_TESTS") != "1":
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -157,12 +157,14 @@ def bench(
     write: Optional[Path] = typer.Option(None, "--write", help="update the generated block of this BENCHMARKS.md"),
 ) -> None:
     """Throughput of each algorithm next to its BP twin, against the measured matmul peak."""
-    from bpfree.bench import DEFAULT_CASES, markdown, run_bench, write_benchmarks_md
+    from bpfree.bench import default_cases, markdown, run_bench, write_benchmarks_md
+    from bpfree.build import resolve_device
 
+    all_cases = default_cases(resolve_device(device))
     wanted = {name.lower() for name in only}
-    cases = tuple(c for c in DEFAULT_CASES if not wanted or c.label.lower() in wanted or c.algorithm in wanted)
+    cases = tuple(c for c in all_cases if not wanted or c.label.lower() in wanted or c.algorithm in wanted)
     if not cases:
-        raise UserError(f"--only {' '.join(only)}: matches no case; cases are {', '.join(c.label for c in DEFAULT_CASES)}")
+        raise UserError(f"--only {' '.join(only)}: matches no case; cases are {', '.join(c.label for c in all_cases)}")
     with console.status("benchmarking") as status:
         report = run_bench(cases, dataset, epochs, device, progress=lambda text: status.update(f"benchmarking {text}"))
     command = "bpfree bench " + " ".join(sys.argv[2:])

@@ -47,6 +47,7 @@ class RunConfig(BaseModel):
     divergence_factor: float | None = Field(
         1000.0, gt=1, le=1e12, description="a phase diverges when its epoch loss exceeds this multiple of its first-step loss; null disables"
     )
+    cuda_graphs: bool = Field(True, description="on CUDA, replay each training step from a captured CUDA graph (no effect on CPU)")
     checkpoint: bool = Field(True, description="write a resumable checkpoint after every epoch")
     output: Path = Field(Path("results"), description="results directory; each run writes <output>/<run_id>/")
     name: str | None = Field(None, description="free-form label stored with the result")

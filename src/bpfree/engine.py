@@ -20,6 +20,7 @@ import torch
 
 from bpfree.algorithms.base import Algorithm, Phase
 from bpfree.build import build_run, derived_seeds
+from bpfree.capture import CapturedStep
 from bpfree.config import RunConfig
 from bpfree.errors import UserError
 from bpfree.loop import EpochOutcome, epoch_clock, evaluate, train_epoch
@@ -112,11 +113,18 @@ class Engine:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.started_at = datetime.now(timezone.utc).isoformat()
         self.resumed_across_devices = False
+        self.captured_step: CapturedStep | None = None
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            self.captured_step = CapturedStep(self.algorithm, (self.algorithm_generator,))
 
     # -- checkpoints ----------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path | None:
         return self.run_dir / CHECKPOINT_FILE if self.run_dir is not None else None
+
+    def _checkpoint_key(self) -> str:
+        """The run's key without where it runs: a checkpoint resumes on another device."""
+        return self.cfg.model_copy(update={"device": "auto"}).key()
 
     def _save_checkpoint(self) -> None:
         if not self.cfg.checkpoint or self.checkpoint_path is None:
@@ -124,7 +132,7 @@ class Engine:
         # Only tensors and plain containers of numbers and strings: loadable with weights_only=True.
         payload = {
             "version": CHECKPOINT_VERSION,
-            "config_key": self.cfg.key(),
+            "config_key": self._checkpoint_key(),
             "device_type": self.device.type,
             "progress": asdict(self.state),
             "algorithm": self.algorithm.state_dict(),
@@ -150,7 +158,7 @@ class Engine:
             raise UserError(
                 f"checkpoint {path}: unreadable or not a bpfree checkpoint ({type(exc).__name__}); delete it to start over"
             ) from None
-        if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION or payload.get("config_key") != self.cfg.key():
+        if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION or payload.get("config_key") != self._checkpoint_key():
             raise UserError(
                 f"checkpoint {path}: written by a different config or version; resume with the run's own "
                 f"config.json, or delete the checkpoint to start over"
@@ -196,6 +204,8 @@ class Engine:
                 st.best_val_accuracy, st.best_epoch, st.stale_epochs = -1.0, None, 0
                 st.phase_train_time_s, st.phase_peak_memory_bytes, st.phase_reference_loss = 0.0, None, None
                 self.best_weights = None
+            if self.captured_step is not None:
+                self.captured_step.begin_phase(phase.name)
             while st.epoch_in_phase < phase.epochs:
                 stop = self._epoch(phase, train_flops, eval_flops, total_epochs)
                 if stop:
@@ -230,6 +240,7 @@ class Engine:
         outcome = train_epoch(
             self.algorithm, self.data, clock, self.data_generator,
             flops=train_flops, energy=self.energy, memory=self.memory, autocast=self.autocast,
+            step=self.captured_step,
         )
         self._account_training(outcome)
         st.epoch_in_phase += 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bpfree.algorithms.base import Algorithm, EpochClock
+from bpfree.capture import CapturedStep
 from bpfree.data import Splits, eval_batches, num_batches, train_batches
 from bpfree.meters.energy import EnergyMeter
 from bpfree.meters.flops import FlopLedger, run_counted
@@ -118,14 +119,15 @@ def train_epoch(
     energy: EnergyMeter | None = None,
     memory: MemoryMeter | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
-    step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    step: CapturedStep | None = None,
     on_step: StepCallback | None = None,
 ) -> EpochOutcome:
     """Run one epoch: ``begin_epoch``, every step, ``end_epoch``; all of it inside one measured window.
 
-    ``step`` replaces ``algorithm.train_step`` (a captured version of it); FLOPs of the first step of
-    each kind are counted with the algorithm's own eager step. The epoch's loss is the mean of the
-    steps' ``loss``, unless ``end_epoch`` reports one (e.g. the closed-form solve's training MSE).
+    ``step`` replaces ``algorithm.train_step`` (its CUDA-graph version); its warm-up and capture run
+    in the window's excluded stretch, as does the first step of each kind, which the FLOP counter
+    watches on the algorithm's own eager step. The epoch's loss is the mean of the steps' ``loss``,
+    unless ``end_epoch`` reports one (e.g. the closed-form solve's training MSE).
     """
     device = data.device
     autocast = autocast or contextlib.nullcontext()
@@ -141,6 +143,11 @@ def train_epoch(
             if flops is not None and not flops.knows(kind):
                 with window.excluded(), autocast:
                     out = flops.run(kind, lambda xb=xb, yb=yb: algorithm.train_step(xb, yb))
+            elif step is not None and not step.is_warm(xb):
+                with window.excluded(), autocast:
+                    out = step(xb, yb)
+                if flops is not None:
+                    flops.add(kind)
             else:
                 with autocast:
                     out = run_step(xb, yb)

@@ -76,6 +76,10 @@ def result_record(
             "num_classes": data.spec.num_classes,
         },
         "device_type": engine.device.type,
+        "cuda_graphs": {
+            "enabled": engine.captured_step is not None,
+            **(engine.captured_step.summary() if engine.captured_step is not None else {}),
+        },
         "divergence_rule": {"rule": DIVERGENCE_RULE, "divergence_factor": cfg.divergence_factor},
         "resumed": resumed,
         "resumed_across_devices": engine.resumed_across_devices,

@@ -86,6 +86,10 @@ class SearchDim:
     choices: tuple[Any, ...] = ()
 
 
+def _capturable(optimizer: torch.optim.Optimizer) -> bool:
+    return any(group.get("capturable") for group in optimizer.param_groups)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Scale every group's ``initial_lr`` by ``factor`` (in place when lr is a tensor, as captured steps need)."""
     for group in optimizer.param_groups:
@@ -198,6 +202,23 @@ class Algorithm(ABC):
 
     def eval_mode(self) -> None:
         self.modules().eval()
+
+    def owned_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this algorithm owns: weights, buffers, optimiser state, and its attributes'
+        tensors (schedules, accumulators); all of them must live on the run's device."""
+        owned = {f"module.{k}": v for k, v in self.modules().state_dict().items()}
+        for key, optimizer in self.optimizers.items():
+            for i, state in enumerate(optimizer.state.values()):
+                for name, value in state.items():
+                    if isinstance(value, torch.Tensor) and not (name == "step" and value.dim() == 0 and value.device.type == "cpu"
+                                                                and not _capturable(optimizer)):
+                        owned[f"optimizer.{key}.{i}.{name}"] = value
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                owned[f"attr.{name}"] = value
+            elif isinstance(value, dict):
+                owned.update({f"attr.{name}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
+        return owned
 
     def weights_state(self) -> dict[str, torch.Tensor]:
         """A detached copy of every weight and buffer, for best-epoch restore."""

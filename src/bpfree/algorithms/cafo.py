@@ -272,6 +272,7 @@ class CascadedForward(Algorithm):
             )
             return
         self._mode = "predictors"
+        self._reset_accumulators()  # allocated for this phase's predictors at its first epoch
         if phase.name == "predictors":
             self._active = list(range(self.num_blocks))
             self._readout = list(range(self.num_blocks))
@@ -286,7 +287,10 @@ class CascadedForward(Algorithm):
     def begin_epoch(self, clock: EpochClock) -> None:
         if self._mode == "predictors" and self.closed_form:
             self._samples = clock.samples
-            self._allocate_accumulators()
+            if not self._gram:
+                self._allocate_accumulators()
+            for acc in [*self._gram.values(), *self._hty.values(), self._yty]:
+                acc.zero_()  # in place: a captured step keeps accumulating into the same tensors
 
     def end_epoch(self) -> dict[str, torch.Tensor]:
         if self._mode != "predictors" or not self.closed_form:
@@ -438,7 +442,6 @@ class CascadedForward(Algorithm):
                 # ||HW - Y||^2 = tr(Y^T Y) - 2 tr(W^T H^T Y) + tr(W^T H^T H W)
                 sse = self._yty - 2 * (w * self._hty[k]).sum() + (w * (self._gram[k] @ w)).sum()
                 total = total + 0.5 * sse / n
-        self._reset_accumulators()
         return total
 
 
