@@ -108,7 +108,7 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Train one model with one algorithm and write <output>/<run_id>/result.json."""
-    from bpfree.config import load_config
+    from bpfree.config import load_config, run_label
     from bpfree.runner import execute
 
     overrides = {
@@ -128,7 +128,7 @@ def run(
         "output": output,
     }
     cfg = load_config(config, overrides, set_)
-    with epoch_progress(f"{cfg.algorithm} {cfg.model} {cfg.dataset} s{cfg.seed}", enabled=not quiet) as update:
+    with epoch_progress(run_label(cfg), enabled=not quiet) as update:
         run_dir, result = execute(cfg, progress=update, keep_checkpoint=keep_checkpoint)
     out.print(result_table([result]))
     out.print(f"result: {run_dir / 'result.json'}")
@@ -246,7 +246,7 @@ def compare(
     configs: list[Path] = typer.Option([], "--configs", "-c", help="config files or directories (default: configs/quick)"),
     dataset: list[str] = typer.Option([], "--dataset", "-d", help="run the comparison on these datasets (repeatable; default: each config's own)"),
     algorithm: list[str] = typer.Option([], "--algorithm", "-a", help="only these alternative algorithms (repeatable; default: all registered)"),
-    seeds: int = typer.Option(3, "--seeds", help="number of seeds per configuration"),
+    seeds: int = typer.Option(3, "--seeds", help="number of seeds per configuration (at most 10000)"),
     first_seed: int = typer.Option(0, "--first-seed", help="seeds are first-seed, first-seed+1, ..."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="override every config's epoch budget (per phase)"),
     output: Path = typer.Option(Path("results/compare"), "--output", "-o", help="results directory (resumable: finished runs are kept)"),
@@ -262,7 +262,8 @@ def compare(
     """Each alternative algorithm next to BP on the identical architecture: runs, table and report."""
     import time
 
-    from bpfree.protocol.compare import compare as run_compare, seed_list
+    from bpfree.config import parse_seeds
+    from bpfree.protocol.compare import compare as run_compare
 
     start = time.perf_counter()
     common = {"device": device, "data_root": str(data_root) if data_root else None}
@@ -270,7 +271,7 @@ def compare(
         outcome = run_compare(
             configs=configs or None,
             output=output,
-            seeds=seed_list(seeds, first_seed),
+            seeds=parse_seeds(seeds, "--seeds", first=first_seed),
             datasets=dataset,
             algorithms=algorithm,
             epochs=epochs,
@@ -343,16 +344,10 @@ def suite(
     from bpfree.protocol.suite import SlurmOptions, run_suite
     from bpfree.report.render import write_report
 
+    from bpfree.config import parse_seeds
+
     options = SlurmOptions(partition, account, gpus, time_min, cpus, mem_gb)
-    seed_list = None
-    if seeds is not None:
-        try:
-            values = [int(v) for v in seeds.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--seeds {seeds!r}: expected a count (3) or a comma-separated list (0,1,2)") from None
-        seed_list = list(range(values[0])) if len(values) == 1 and "," not in seeds else values
-        if not seed_list or len(set(seed_list)) != len(seed_list) or min(seed_list) < 0:
-            raise UserError(f"--seeds {seeds!r}: need distinct seeds >= 0")
+    seed_list = parse_seeds(seeds, "--seeds")
     with runs_progress(not quiet or dry_run) as (on_plan, on_done):
         outcome = run_suite(
             suite_file, output, set_, seed_list, executor, jobs, options, wait, on_plan=on_plan, on_done=on_done, dry_run=dry_run,

@@ -6,10 +6,10 @@ import json
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -29,15 +29,34 @@ def new_run_id(cfg: RunConfig) -> str:
     return f"{cfg.algorithm}-{cfg.dataset}-{model}-s{cfg.seed}-{cfg.key()[:8]}-{stamp}-{secrets.token_hex(3)}"
 
 
-def _atomic_write(path: Path, write) -> None:
+def _umask() -> int:
+    try:  # Linux states it without changing it (os.umask would, for every thread, for a moment)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write ``path`` through ``write(handle)`` so readers see the old file or the new one, never half.
+
+    The new file gets the permissions an ordinary ``open`` would give it (0666 less the umask),
+    not the 0600 of a temporary file, so colleagues on a shared cluster can read results.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+        os.replace(tmp, path)  # atomic on POSIX
     except BaseException:
         try:
             os.unlink(tmp)
@@ -47,16 +66,16 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
     blob = json.dumps(data, indent=2, sort_keys=False, allow_nan=False).encode()
-    _atomic_write(Path(path), lambda handle: handle.write(blob))
+    atomic_write(path, lambda handle: handle.write(blob))
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def ensure_writable_dir(path: Path) -> Path:

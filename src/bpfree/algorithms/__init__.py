@@ -1,38 +1,30 @@
-"""Algorithm registry: one file per algorithm, registered by name with :func:`register`."""
+"""Algorithm registry: one file per algorithm, registered by its ``name`` with :func:`register`.
+
+The built-in algorithms are imported explicitly at the end of this module; an algorithm defined
+elsewhere (a plugin, a notebook) registers itself the same way.
+"""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from bpfree.algorithms.base import Algorithm
+from bpfree.registry import Registry
 
-_ALGORITHMS: dict[str, type[Algorithm]] = {}
-_all_imported = False
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
-    _ALGORITHMS[cls.name] = cls
-    return cls
-
-
-def _import_all() -> None:
-    # Every sibling module registers itself on import; adding an algorithm = adding a file.
-    # A flag, not "registry empty": one module imported directly must not hide the others.
-    global _all_imported
-    if _all_imported:
-        return
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
-    _all_imported = True
+    """Class decorator: make ``cls`` available as ``cls.name`` (a name already taken is refused)."""
+    return ALGORITHMS.add(cls.name, cls)
 
 
 def algorithm_names() -> list[str]:
-    _import_all()
-    return sorted(_ALGORITHMS)
+    return ALGORITHMS.names()
 
 
 def get_algorithm(name: str) -> type[Algorithm]:
-    _import_all()
-    return _ALGORITHMS[name]
+    """The algorithm class registered as ``name``; an unknown name raises a one-line ConfigError."""
+    return ALGORITHMS.get(name)
+
+
+# The built-in algorithms (each registers itself on import).
+from bpfree.algorithms import bp, cafo, ff, mf, noprop  # noqa: E402,F401

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bpfree.data.augment import random_crop_flip
+from bpfree.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -88,29 +89,27 @@ def num_batches(n: int, batch_size: int) -> int:
 
 # name -> loader(data_root, download, val_fraction) returning CPU splits
 DatasetLoader = Callable[[Path | None, bool, float], Splits]
-_DATASETS: dict[str, DatasetLoader] = {}
+DATASETS: Registry[DatasetLoader] = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    def decorate(loader: DatasetLoader) -> DatasetLoader:
-        _DATASETS[name] = loader
-        return loader
-
-    return decorate
+    """Decorator: register a loader under ``name`` (a name already taken is refused)."""
+    return DATASETS.register(name)
 
 
 def dataset_names() -> list[str]:
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
 def load_dataset(
     name: str, data_root: Path | None = None, download: bool = False, val_fraction: float = 0.1
 ) -> Splits:
-    """Load a registered dataset onto the CPU (call ``.to(device)`` on the result)."""
-    if name not in _DATASETS:
-        raise KeyError(name)
-    return _DATASETS[name](data_root, download, val_fraction)
+    """Load a registered dataset onto the CPU (call ``.to(device)`` on the result).
+
+    An unknown name raises a one-line ConfigError listing the registered datasets.
+    """
+    return DATASETS.get(name)(data_root, download, val_fraction)
 
 
-# Importing the modules registers their datasets.
+# The built-in datasets (each module registers its loaders on import).
 from bpfree.data import embedded, vision  # noqa: E402,F401

@@ -23,6 +23,23 @@ class EnergyReading:
     reason: str | None = None
 
 
+RAPL_COUNTERS = "/sys/class/powercap/intel-rapl:*/energy_uj"
+
+
+def cpu_energy_counter_readable() -> bool:
+    """Whether a CPU package energy counter (RAPL) can be read by this process."""
+    import glob
+
+    for path in glob.glob(RAPL_COUNTERS):
+        try:
+            with open(path) as handle:
+                handle.read()
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def _probe_zeus(device: torch.device) -> tuple[Any | None, str, str | None]:
     """Build a ZeusMonitor over the counters that exist; return (monitor, method, reason-if-none)."""
     try:

@@ -18,6 +18,7 @@ from typing import Any
 import torch.nn as nn
 
 from bpfree.data import DataSpec
+from bpfree.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,14 @@ class ModelFamily:
     forms: str  # human-readable accepted forms, for error messages
 
 
-_FAMILIES: dict[str, ModelFamily] = {}
+MODEL_FAMILIES: Registry[ModelFamily] = Registry("model family")
 
 
-def register_model(prefix: str, parse: Callable[[str], Any], build: Callable[[Any, DataSpec], nn.Module], forms: str) -> None:
-    _FAMILIES[prefix] = ModelFamily(prefix, parse, build, forms)
+def register_model(prefix: str, parse: Callable[[str], Any], build: Callable[[Any, DataSpec], nn.Module], forms: str) -> ModelFamily:
+    """Add a model family under ``prefix`` (specs ``prefix`` or ``prefix:args``); a taken prefix is refused."""
+    if prefix != prefix.strip().lower() or ":" in prefix:
+        raise ValueError(f"model family prefix {prefix!r}: expected lower case without ':' or spaces")
+    return MODEL_FAMILIES.add(prefix, ModelFamily(prefix, parse, build, forms))
 
 
 def _split(spec: str) -> tuple[str, str]:
@@ -41,11 +45,12 @@ def _split(spec: str) -> tuple[str, str]:
 
 
 def parse_model_spec(spec: str) -> tuple[ModelFamily, Any]:
+    """(family, parsed arguments) of a spec; a bad spec raises ValueError naming the accepted forms."""
     prefix, args = _split(spec)
-    forms = "; ".join(f.forms for f in _FAMILIES.values())
-    if prefix not in _FAMILIES:
-        raise ValueError(f"unknown model {spec!r}; expected one of: {forms}")
-    family = _FAMILIES[prefix]
+    if prefix not in MODEL_FAMILIES:
+        shown = repr(spec) if spec.isprintable() else ascii(spec)
+        raise ValueError(f"unknown model {shown}; expected one of: {'; '.join(model_names())}")
+    family = MODEL_FAMILIES.get(prefix)
     try:
         return family, family.parse(args)
     except ValueError as exc:
@@ -58,7 +63,13 @@ def build_model(spec: str, data: DataSpec) -> nn.Module:
 
 
 def model_names() -> list[str]:
-    return [f.forms for f in _FAMILIES.values()]
+    """The accepted spec forms of every family (for help texts and error messages)."""
+    return [family.forms for _, family in MODEL_FAMILIES.items()]
 
 
-from bpfree.models import cnn, mlp, noprop_net  # noqa: E402,F401  (registration)
+def model_family_names() -> list[str]:
+    return MODEL_FAMILIES.names()
+
+
+# The built-in families (each registers itself on import).
+from bpfree.models import cnn, mlp, noprop_net  # noqa: E402,F401

@@ -1,9 +1,11 @@
 """`bpfree compare`: every alternative algorithm next to backprop on the identical architecture.
 
 The comparison set is a directory (or list) of config files, by default ``configs/quick/``. Each
-config whose algorithm is not ``bp`` is an *alternative*; its *BP twin* is:
+config whose algorithm is not ``bp`` is an *alternative*; its *BP twin* follows the one rule of
+:mod:`bpfree.protocol.twin` (the report pairs results by the same rule):
 
-- an explicit BP config in the set with the same dataset and model, if there is one; otherwise
+- an explicit BP config in the set on the same dataset, model and device type (the one whose
+  budget matches best), if there is one; otherwise
 - derived from the alternative: the same dataset, model, epochs, batch sizes, patience, seed,
   validation split and device, with ``algorithm: bp``, no algorithm params, and BP's own
   optimiser settings (``optimizer``, ``lr``, ``weight_decay``, ``momentum``), taken from
@@ -24,9 +26,9 @@ from typing import Any
 from bpfree.config import RunConfig, apply_assignments, build_config, read_yaml_mapping
 from bpfree.errors import ConfigError, UserError
 from bpfree.protocol.suite import Plan, SuiteEntry, SuiteOutcome, Task, execute_plan, expand, make_plan
+from bpfree.protocol.twin import BP, RECIPE_FIELDS, choose_twin, config_identity, derive_twin
 
-BP = "bp"
-BP_RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "momentum")
+BP_RECIPE_FIELDS = RECIPE_FIELDS
 DEFAULT_SEEDS = 3
 
 
@@ -66,13 +68,6 @@ def bp_recipe(path: Path | None) -> dict[str, Any]:
             raise UserError(f"--bp-config {path}: algorithm is {values.get('algorithm')!r}, expected bp")
         recipe.update({k: values[k] for k in BP_RECIPE_FIELDS if k in values})
     return recipe
-
-
-def derive_twin(alternative: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
-    """The BP twin of an alternative's config mapping (see the module docstring)."""
-    twin = {k: v for k, v in alternative.items() if k not in ("params", "name", *BP_RECIPE_FIELDS)}
-    twin.update(algorithm=BP, params={}, **recipe)
-    return twin
 
 
 @dataclass
@@ -126,7 +121,7 @@ def build_set(
         if name not in registered:
             notes.append(f"skipped {path.name}: algorithm {name!r} is not registered in this installation")
             continue
-        if not _model_known(values.get("model", RunConfig.model_fields["model"].default)):
+        if "model" in values and not _model_known(values["model"]):
             notes.append(f"skipped {path.name}: model {values.get('model')!r} is not registered in this installation")
             continue
         if name == BP:
@@ -151,30 +146,23 @@ def build_set(
         for path, values in alternatives:
             alt = finish(values, dataset)
             alt.setdefault("name", path.stem)
-            _validate(alt, str(path))
+            alt_cfg = _validate(alt, str(path))
+            alt_identity = config_identity(alt_cfg)
             alt_entries.append(SuiteEntry(str(path), alt))
-            twins = [
-                (bp_path, finished)
-                for bp_path, bp_values in explicit_bp
-                for finished in [finish(bp_values, dataset)]
-                if _field(finished, "dataset") == _field(alt, "dataset") and _field(finished, "model") == _field(alt, "model")
-            ]
-            if twins:
-                twin, source = twins[0][1], str(twins[0][0])
+            candidates = [(str(bp_path), finished, _validate(finished, str(bp_path))) for bp_path, bp_values in explicit_bp for finished in [finish(bp_values, dataset)]]
+            chosen = choose_twin(alt_identity, candidates, lambda c: config_identity(c[2]))
+            if chosen is not None:
+                source, twin = chosen[0], chosen[1]
             else:
-                twin, source = derive_twin(alt, recipe), f"BP twin of {path.name}"
-            _validate(twin, source)
+                twin, source = derive_twin({**alt, "model": alt_cfg.model}, recipe), f"BP twin of {path.name}"
+                _validate(twin, source)
             bp_entries.append(SuiteEntry(source, twin))
     return ComparisonSet(alt_entries, bp_entries, notes)
 
 
-def _field(values: dict[str, Any], name: str) -> Any:
-    return values.get(name, RunConfig.model_fields[name].default)
-
-
-def _validate(values: dict[str, Any], source: str) -> None:
+def _validate(values: dict[str, Any], source: str) -> RunConfig:
     try:
-        build_config(values, source=source)
+        return build_config(values, source=source)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
 
@@ -187,20 +175,6 @@ class CompareOutcome:
     report: Any  # bpfree.report.render.Report
 
 
-def _energy_counter_readable() -> bool:
-    """Whether a CPU package energy counter (RAPL) is readable: then runs must not overlap."""
-    import glob
-
-    for path in glob.glob("/sys/class/powercap/intel-rapl:*/energy_uj"):
-        try:
-            with open(path) as handle:
-                handle.read()
-            return True
-        except OSError:
-            continue
-    return False
-
-
 def auto_jobs() -> int:
     """Parallel runs for ``--jobs 0``: one at a time when a GPU or an energy counter is in play
     (each run's time and energy must be its own); otherwise one single-threaded run per core, up
@@ -210,15 +184,11 @@ def auto_jobs() -> int:
 
     import torch
 
-    if torch.cuda.is_available() or _energy_counter_readable():
+    from bpfree.meters.energy import cpu_energy_counter_readable
+
+    if torch.cuda.is_available() or cpu_energy_counter_readable():
         return 1
     return max(1, min(4, os.cpu_count() or 1))
-
-
-def seed_list(n: int, first: int = 0) -> list[int]:
-    if n < 1:
-        raise UserError(f"--seeds {n}: need at least 1 seed")
-    return list(range(first, first + n))
 
 
 def compare(

@@ -35,7 +35,7 @@ from typing import Any
 
 import submitit
 
-from bpfree.config import RunConfig, apply_assignments, build_config, read_yaml_mapping
+from bpfree.config import RunConfig, apply_assignments, build_config, parse_seeds, read_yaml_mapping, run_label
 from bpfree.errors import ConfigError, UserError
 from bpfree.results import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE, ensure_writable_dir, new_run_id
 
@@ -82,19 +82,9 @@ class Suite:
 
 
 def _seeds(value: Any, where: str) -> list[int] | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
+    if isinstance(value, str):  # a YAML text such as "0,1" is not a seed list
         raise UserError(f"{where}: 'seeds' must be a list of distinct integers >= 0 or a count, got {value!r}")
-    if isinstance(value, int):
-        if value < 1:
-            raise UserError(f"{where}: 'seeds' count must be >= 1, got {value}")
-        return list(range(value))
-    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
-        raise UserError(f"{where}: 'seeds' must be a list of distinct integers >= 0 or a count, got {value!r}")
-    if len(set(value)) != len(value):
-        raise UserError(f"{where}: 'seeds' has duplicates {value!r}; same-seed replicates are not independent")
-    return list(value)
+    return parse_seeds(value, f"{where}: 'seeds'")
 
 
 def load_suite(path: Path) -> Suite:
@@ -191,8 +181,7 @@ class Plan:
         return len(self.tasks) + len(self.skipped)
 
 
-def label(cfg: RunConfig) -> str:
-    return f"{cfg.algorithm} {cfg.model} {cfg.dataset} s{cfg.seed}"
+label = run_label
 
 
 def scan_output(output: Path) -> tuple[dict[str, Path], dict[str, Path]]:

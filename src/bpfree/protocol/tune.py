@@ -26,8 +26,9 @@ from typing import Any
 
 import yaml
 
-from bpfree.config import RunConfig, apply_assignments, build_config, read_yaml_mapping
+from bpfree.config import RunConfig, apply_assignments, build_config, read_yaml_mapping, set_dotted
 from bpfree.errors import ConfigError, UserError
+from bpfree.results import atomic_write_text
 
 OBJECTIVE = "best_val_accuracy"
 SQLITE_TIMEOUT_S = 120
@@ -139,19 +140,6 @@ def suggest(trial: Any, space: Sequence[Any]) -> dict[str, Any]:
     return values
 
 
-def set_dotted(values: dict[str, Any], assignments: dict[str, Any]) -> dict[str, Any]:
-    out = apply_assignments(values, [])
-    for key, value in assignments.items():
-        parts = key.split(".")
-        target = out
-        for part in parts[:-1]:
-            if not isinstance(target.get(part), dict):
-                target[part] = {}
-            target = target[part]
-        target[parts[-1]] = value
-    return out
-
-
 def _budget_attrs(trials: int, epochs: int, cfg: RunConfig, config_path: Path) -> dict[str, Any]:
     return {
         "bpfree_trials": trials,
@@ -165,10 +153,7 @@ def _budget_attrs(trials: int, epochs: int, cfg: RunConfig, config_path: Path) -
 
 def _dump_tuned(path: Path, values: dict[str, Any], header: list[str]) -> None:
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def tune(

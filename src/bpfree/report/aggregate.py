@@ -15,11 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# Config fields that say where or how a run is stored, plus the seed: runs equal in everything
-# else are replicates of one group.
-_NON_GROUP_FIELDS = ("seed", "output", "data_root", "download", "name", "checkpoint")
-# Fields a BP twin copies from its alternative; the more of them match, the better the twin.
-TWIN_FIELDS = ("epochs", "batch_size", "patience", "eval_batch_size", "val_fraction", "device")
+from bpfree.config import identity
+
 COST_METRICS = ("train_time_s", "energy_j", "peak_memory_bytes", "train_flops")
 BASELINE = "bp"
 
@@ -58,10 +55,25 @@ def t_interval(values: Iterable[float | None], confidence: float = 0.95) -> Stat
     return Stat(n, mean, std, half)
 
 
+def device_type_of(result: dict[str, Any]) -> str:
+    """The device type a stored run trained on (its environment's device; else its config's)."""
+    device = (result.get("environment") or {}).get("device")
+    if isinstance(device, str) and device:
+        return device.split(":", 1)[0]
+    configured = (result.get("config") or {}).get("device")
+    return configured if isinstance(configured, str) and configured != "auto" else "unknown"
+
+
+def group_config(result: dict[str, Any]) -> dict[str, Any]:
+    """The run's identity (as in its key: no storage fields, the device type that ran) without its seed."""
+    config = identity(result.get("config") or {}, device_type_of(result))
+    config.pop("seed", None)
+    return config
+
+
 def group_key(result: dict[str, Any]) -> str:
-    """Hash of the resolved config without seed and storage fields."""
-    config = {k: v for k, v in (result.get("config") or {}).items() if k not in _NON_GROUP_FIELDS}
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    """Equal for runs that differ only in their seed (the run key's rule, seed left out)."""
+    blob = json.dumps(group_config(result), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -128,8 +140,7 @@ def group_results(results: Iterable[dict[str, Any]]) -> list[Group]:
     for r in results:
         key = group_key(r)
         if key not in groups:
-            config = {k: v for k, v in (r.get("config") or {}).items() if k not in _NON_GROUP_FIELDS}
-            groups[key] = Group(key, r.get("algorithm", "?"), r.get("dataset", "?"), r.get("model", "?"), config)
+            groups[key] = Group(key, r.get("algorithm", "?"), r.get("dataset", "?"), r.get("model", "?"), group_config(r))
         groups[key].runs.append(r)
     ordered = sorted(
         groups.values(),
@@ -175,22 +186,19 @@ class Pair:
 
 
 def find_twin(group: Group, groups: Sequence[Group]) -> Group | None:
-    """The BP group on the same dataset and model whose budget fields match the most.
+    """The BP twin group by the twin rule (:mod:`bpfree.protocol.twin`), as compare planned it.
 
     Ties go to the group sharing more completed seeds with the alternative, then to the one with
-    more completed runs (a BP recipe that always diverged is no baseline).
+    more completed runs (a BP recipe that always diverged is no baseline), then to the first.
     """
-    candidates = [g for g in groups if g.is_baseline and g.dataset == group.dataset and g.model == group.model]
-    if not candidates:
-        return None
+    from bpfree.protocol.twin import choose_twin
+
     alt_seeds = {r.get("seed") for r in group.completed}
 
-    def score(g: Group) -> tuple[int, int, int]:
-        matching = sum(g.config.get(f) == group.config.get(f) for f in TWIN_FIELDS)
-        shared = len(alt_seeds & {r.get("seed") for r in g.completed})
-        return matching, shared, len(g.completed)
+    def tiebreak(g: Group) -> tuple[int, int]:
+        return len(alt_seeds & {r.get("seed") for r in g.completed}), len(g.completed)
 
-    return max(candidates, key=score)  # ties: the first in group order (deterministic)
+    return choose_twin(group.config, [g for g in groups if g.is_baseline], lambda g: g.config, tiebreak)
 
 
 def find_pairs(groups: Sequence[Group]) -> list[Pair]:
@@ -209,7 +217,6 @@ class Delta:
     paired_half_width_pp: float | None
     p_value: float | None  # paired t-test on test accuracy; None when n < 2 or undefined
     p_note: str  # why p is missing, or ""
-    time_p_value: float | None
 
 
 def _relative(alt: float | None, base: float | None) -> float | None:
@@ -244,10 +251,7 @@ def compare_pair(pair: Pair) -> Delta | None:
     b = [by_seed_bp[s]["test_accuracy"] for s in seeds]
     diffs = t_interval((x - y) * 100.0 for x, y in zip(a, b))
     p, note = _paired_test(a, b)
-    ta = [by_seed_alt[s]["train_time_s"] for s in seeds]
-    tb = [by_seed_bp[s]["train_time_s"] for s in seeds]
-    tp, _ = _paired_test(ta, tb)
-    return Delta(accuracy_pp, relative, len(seeds), seeds, diffs.mean, diffs.half_width, p, note, tp)
+    return Delta(accuracy_pp, relative, len(seeds), seeds, diffs.mean, diffs.half_width, p, note)
 
 
 @dataclass
