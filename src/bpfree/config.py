@@ -467,7 +467,7 @@ def parse_seeds(text: str | int | list[Any] | None, where: str = "--seeds", firs
     if len(text) > MAX_SEEDS or not all(0 <= s <= MAX_SEED for s in text):
         raise ConfigError(f"{where}: {expected}; got {len(text)} seeds from {min(text)} to {max(text)}")
     if len(set(text)) != len(text):
-        raise ConfigError(f"{where}: duplicate seeds in {text!r}; same-seed replicates are not independent"[:300])
+        raise ConfigError(f"{where}: duplicates in {text!r}; same-seed replicates are not independent"[:300])
     return list(text)
 
 
