@@ -32,9 +32,8 @@ embeddings (d = image size, initialised from class images), is not implemented.
 Final classifier: ``head`` = Linear(d, C), initialised to the class embeddings (weight = W_Embed,
 bias = 0), i.e. it starts as the nearest-embedding read-out logits_k = u_k · z_T. With PyTorch's
 random init (spec token ``rhead``) the head on the simplex-bounded z_T maps classes to random
-slots, and BP through the chain barely learns in the few steps of a small data set (BP twin on
-mnist5k, noprop:10,c4: 33% validation accuracy after 8 epochs, against 94% with the embedding
-init); the paper's head init is not known.
+slots, and BP through the chain barely learns in the few steps of a small data set (figures in
+BENCHMARKS.md, "Quick configs"); the paper's head init is not known.
 
 Noise schedule (part of the model, so NoProp and its BP twin share it): ᾱ_0..ᾱ_T increasing
 towards the clean label, cosine ᾱ_t = cos²(π/2 (1 - t/T)) by default (spec token ``linear`` for
