@@ -14,6 +14,7 @@ import torch
 from bpfree.algorithms import algorithm_names, get_algorithm
 from bpfree.config import NATIVE_MODELS, build_config
 from bpfree.engine import Engine
+from bpfree.loop import epoch_clock
 from bpfree.runner import execute, resume
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,11 +95,15 @@ def test_everything_owned_is_on_the_run_device_and_predict_changes_nothing(algor
     algo, data = engine.algorithm, engine.data
     device = torch.device(DEVICE)
     x, y = data.train_x[:64], data.train_y[:64]
-    for phase in algo.phases():
+    epochs_run = 0
+    for phase in algo.schedule():
         algo.begin_phase(phase)
         algo.train_mode()
+        algo.begin_epoch(epoch_clock(phase, 0, epochs_run, 128, 64))  # an epoch of two steps
         algo.train_step(x, y)
-        algo.train_step(x, y)
+        algo.train_step(data.train_x[64:128], data.train_y[64:128])
+        algo.end_epoch()
+        epochs_run += 1
         for where, tensor in _owned(engine):
             if where.endswith(".step") and tensor.dim() == 0 and tensor.device.type == "cpu":
                 continue  # optimisers keep their step counter on the host by design
