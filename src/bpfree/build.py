@@ -17,7 +17,7 @@ from bpfree.algorithms.base import Algorithm, TrainSettings
 from bpfree.config import RunConfig
 from bpfree.data import Splits, load_dataset
 from bpfree.errors import UserError
-from bpfree.models import build_model, parse_model_spec
+from bpfree.models import build_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,13 +60,7 @@ class RunParts:
 def build_run(cfg: RunConfig) -> RunParts:
     device = resolve_device(cfg.device)
     seeds = derived_seeds(cfg.seed)
-    family, _ = parse_model_spec(cfg.model)
-    algorithm_cls = get_algorithm(cfg.algorithm)
-    if "*" not in algorithm_cls.model_families and family.prefix not in algorithm_cls.model_families:
-        raise UserError(
-            f"field 'model': algorithm {cfg.algorithm} trains {', '.join(algorithm_cls.model_families)} models, "
-            f"not {cfg.model!r}"
-        )
+    algorithm_cls = get_algorithm(cfg.algorithm)  # RunConfig has judged the algorithm x model pair
     seed_everything(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.val_fraction).to(device)
     torch.manual_seed(seeds["model_init"])

@@ -124,7 +124,7 @@ class Engine:
 
     def _checkpoint_key(self) -> str:
         """The run's key without where it runs: a checkpoint resumes on another device."""
-        return self.cfg.model_copy(update={"device": "auto"}).key()
+        return self.cfg.key(device_type="any")
 
     def _save_checkpoint(self) -> None:
         if not self.cfg.checkpoint or self.checkpoint_path is None:

@@ -42,7 +42,7 @@ def result_record(
         "model": cfg.model,
         "seed": cfg.seed,
         "seeds": engine.seeds,
-        "config_key": cfg.key(),
+        "config_key": cfg.key(device_type=engine.device.type),
         "config": cfg.resolved(),
         "paper": algorithm.paper,
         "deviations": list(algorithm.deviations),
