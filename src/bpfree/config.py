@@ -482,6 +482,10 @@ def load_config(
     assignments: list[str] | None = None,
 ) -> RunConfig:
     """Load a run config: YAML file (optional), then flag overrides (None values ignored), then key=value pairs."""
+    if path is not None:
+        from bpfree.configs import resolve
+
+        path = resolve(path)
     values: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     values = dict(values)
     values["params"] = dict(values.get("params") or {}) if isinstance(values.get("params") or {}, dict) else values["params"]

@@ -89,7 +89,9 @@ def _seeds(value: Any, where: str) -> list[int] | None:
 
 def load_suite(path: Path) -> Suite:
     """Read and check a suite file; every problem is one UserError line naming the file and entry."""
-    path = Path(path)
+    from bpfree.configs import resolve
+
+    path = resolve(path)
     where = f"suite file {path}"
     if not path.is_file():
         raise UserError(f"{where}: not found")
