@@ -83,9 +83,10 @@ def compare(
 
     ``assignments`` are the CLI's ``--set key=value`` strings, applied to every run.
     """
-    from bpfree.protocol.compare import compare as run_compare, seed_list
+    from bpfree.config import parse_seeds
+    from bpfree.protocol.compare import compare as run_compare
 
-    seed_values = seed_list(seeds, 0) if isinstance(seeds, int) else list(seeds)
+    seed_values = parse_seeds(seeds if isinstance(seeds, int) else list(seeds), "seeds") or [0]
     return run_compare(
         configs=[Path(c) for c in configs] if configs else None,
         output=Path(output),

@@ -179,15 +179,14 @@ def auto_jobs() -> int:
     (each run's time and energy must be its own); otherwise one single-threaded run per core, up
     to 4 (small models gain little from intra-op threads, and on a shared CPU multi-threaded
     kernels stall badly)."""
-    import os
-
     import torch
 
     from bpfree.meters.energy import cpu_energy_counter_readable
+    from bpfree.meters.environment import allocated_cpus
 
     if torch.cuda.is_available() or cpu_energy_counter_readable():
         return 1
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, allocated_cpus()))
 
 
 def compare(
