@@ -226,3 +226,57 @@ def test_energy_components_and_whole_node_note():
     assert "whole node" in meter.scope_note(torch.device("cuda"), 4, 64)
     assert "this job had 4" in meter.scope_note(torch.device("cpu"), 4, 64)
     assert meter.scope_note(torch.device("cpu"), 64, 64) is None
+
+
+# -- 5. weights and evaluate; 8. progress within the epoch; 6. energy split in the record ---------
+def test_completed_run_saves_safetensors_and_evaluate_reproduces_its_test_accuracy(tmp_path, one_thread):
+    from bpfree.evaluation import evaluate_run
+
+    result = bpfree.run({**TINY, "epochs": 2}, output=tmp_path)
+    run_dir = result.run_dir
+    weights = run_dir / "weights.safetensors"
+    assert weights.is_file() and not weights.read_bytes().startswith(b"\x80")  # not a pickle
+    before = (run_dir / "result.json").read_bytes()
+    path, record = evaluate_run(run_dir, split="test")
+    assert record["accuracy"] == pytest.approx(result.test_accuracy) and record["n"] == 1000
+    assert path.parent == run_dir / "evaluations" and path.name.startswith("mnist5k-test-")
+    _, on_val = evaluate_run(run_dir, split="val")
+    assert on_val["n"] == 500 and len(list((run_dir / "evaluations").glob("*.json"))) == 2
+    assert (run_dir / "result.json").read_bytes() == before  # never overwritten
+    with pytest.raises(UserError, match="--split"):
+        evaluate_run(run_dir, split="holdout")
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        evaluate_run(run_dir)
+
+
+class _FakeMeasurement:
+    gpu_energy = {0: 3.0}
+    cpu_energy = {0: 2.0}
+    dram_energy = {0: 0.5}
+
+
+class _FakeMonitor:
+    def begin_window(self, key, sync_execution=True):
+        pass
+
+    def end_window(self, key, sync_execution=True):
+        return _FakeMeasurement()
+
+
+def test_step_progress_and_energy_components_reach_the_record(tmp_path, one_thread):
+    from bpfree.config import build_config
+    from bpfree.engine import Engine
+    from bpfree.meters.energy import EnergyMeter
+
+    events = []
+    meter = EnergyMeter(torch.device("cpu"), monitor_factory=lambda d: (_FakeMonitor(), "zeus: NVML + RAPL, 1 CPU package(s)", None))
+    cfg = build_config({**TINY, "epochs": 2, "output": str(tmp_path)})
+    record = Engine(cfg, run_dir=tmp_path / "r", progress=events.append, energy_meter=meter).run()
+    steps = [e for e in events if e.get("event") == "step"]
+    assert steps[0]["step"] == 1 and events[0]["event"] == "step"  # progress from the first step on
+    assert [e["step"] for e in steps] == list(range(1, steps[0]["steps"] + 1)) * 2
+    assert all(isinstance(e["step"], int) for e in steps)  # host-side counts, no tensors
+    parts = record["energy_components_j"]  # every training window read 3 J GPU, 1.5 J CPU package, 0.5 J DRAM
+    windows = record["energy_j"] / 5.5
+    assert windows >= 2 and parts == pytest.approx({"gpu": 3.0 * windows, "cpu_package": 1.5 * windows, "dram": 0.5 * windows})

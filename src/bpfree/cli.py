@@ -70,8 +70,9 @@ def root(
 def epoch_progress(label: str, enabled: bool = True):
     """A rich progress bar fed by the engine's per-epoch callback.
 
-    The bar appears with the first finished epoch, so a run that fails while it is being set up
-    (missing data, bad output directory) prints its one-line error and nothing else.
+    The bar appears with the first training step (steps, rate, ETA for the epoch and the run), so
+    a run that fails while it is being set up (missing data, bad output directory) prints its
+    one-line error and nothing else.
     """
     if not enabled:
         yield lambda info: None
@@ -86,10 +87,27 @@ def epoch_progress(label: str, enabled: bool = True):
         transient=False,
     )
     task = bar.add_task(label, total=None, status="")
+    clock: dict[str, Any] = {}
 
     def update(info: dict[str, Any]) -> None:
+        import time
+
         if not bar.live.is_started:
             bar.start()
+        now = time.perf_counter()
+        if info.get("event") == "step":
+            # Counts only (no device sync): the rate is of steps issued, which a bounded GPU queue keeps honest.
+            if info["step"] == 1 or clock.get("epochs_run") != info["epochs_run"]:
+                clock.update(start=now, epochs_run=info["epochs_run"])
+            elapsed = now - clock["start"]
+            rate = info["step"] / elapsed if elapsed > 0 else None
+            status = f"{info['phase']} step {info['step']}/{info['steps']}"
+            if rate:
+                epoch_left = (info["steps"] - info["step"]) / rate
+                run_left = epoch_left + (info["total_epochs"] - info["epochs_run"] - 1) * info["steps"] / rate
+                status += f"  {rate:.1f} it/s  epoch ETA {epoch_left:.0f}s  run ETA {run_left:.0f}s"
+            bar.update(task, total=info["total_epochs"], completed=info["epochs_run"] + info["step"] / max(1, info["steps"]), status=status)
+            return
         bar.update(
             task,
             total=info["total_epochs"],
@@ -454,6 +472,28 @@ def report(
     from bpfree.report.render import write_report
 
     print_report(write_report(results_dir, out_dir), full=full, fmt=fmt)
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="a completed run's directory (holds config.json, result.json, weights.safetensors)"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="default: the dataset it was trained on"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="directory with torchvision datasets"),
+    split: str = typer.Option("test", "--split", help="test, val or train"),
+    download: bool = typer.Option(False, "--download/--no-download", help="download a missing dataset"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default: the run's)"),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
+) -> None:
+    """Accuracy of a completed run's saved weights on a dataset split; stored under <run_dir>/evaluations/."""
+    from bpfree.evaluation import evaluate_run
+
+    path, record = evaluate_run(run_dir, dataset, data_root, split, download, device)
+    if fmt is OutputFormat.json:
+        print(json.dumps({**record, "path": str(path)}, indent=2))
+    else:
+        line = f"{record['dataset']} {record['split']}: accuracy {record['accuracy']:.4f} on {record['n']} samples"
+        print(line)
+        console.print(f"evaluation: {path}", highlight=False)
 
 
 @app.command()

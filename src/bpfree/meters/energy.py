@@ -28,6 +28,13 @@ class EnergyReading:
         return {"gpu": self.gpu_joules, "cpu_package": package, "dram": self.dram_joules}
 
 
+def merge_components(total: dict[str, float | None] | None, more: dict[str, float | None] | None) -> dict[str, float | None] | None:
+    """Sum two per-component totals; a component unknown in either is unknown (None)."""
+    if total is None or more is None:
+        return more if total is None else total
+    return {k: None if total.get(k) is None or more.get(k) is None else total[k] + more[k] for k in total}  # type: ignore[operator]
+
+
 def add_components(total: dict[str, float | None] | None, reading: EnergyReading) -> dict[str, float | None]:
     """Accumulate a window's per-component energy; a component missing in any window stays None."""
     parts = reading.components()
