@@ -75,7 +75,7 @@ def torch_build_summary() -> dict[str, object]:
         "nvidia_gpu_models": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
         "python_platform": platform.platform(),
         "libc_version": "-".join(platform.libc_ver()) or None,
-        "is_xnnpack_available": bool(getattr(torch.backends, "xnnpack", None) and torch.backends.xnnpack.enabled),
+        "is_xnnpack_available": bool(getattr(getattr(torch.backends, "xnnpack", None), "enabled", False)),
         "caching_allocator_config": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "parallel": parallel,
     }

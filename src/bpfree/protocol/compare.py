@@ -141,7 +141,8 @@ def build_set(
 
     alt_entries: list[SuiteEntry] = []
     bp_entries: list[SuiteEntry] = []
-    for dataset in list(datasets) or [None]:
+    dataset_choices: list[str | None] = list(datasets) or [None]
+    for dataset in dataset_choices:
         for path, values in alternatives:
             alt = finish(values, dataset)
             alt.setdefault("name", path.stem)

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from bpfree.report.aggregate import Group, Summary  # noqa: E402
 
-PALETTE = plt.get_cmap("tab10").colors
+PALETTE = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
 
 
 @dataclass
