@@ -202,7 +202,9 @@ def test_cpu_allocation_follows_affinity_and_cgroup_quota(tmp_path, monkeypatch)
     from bpfree.protocol import compare, suite
 
     monkeypatch.setattr(env, "_cgroup_cpu_limit", lambda root=None: None)
-    monkeypatch.setattr(compare, "_energy_counter_readable", lambda: False)
+    from bpfree.meters import energy
+
+    monkeypatch.setattr(energy, "cpu_energy_counter_readable", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert compare.auto_jobs() == 1 and suite._threads_per_run(1) == 1
 

@@ -367,7 +367,7 @@ def compare(
         outcome = run_compare(
             configs=configs or None,
             output=output,
-            seeds=parse_seeds(seeds, "--seeds", first=first_seed),
+            seeds=parse_seeds(seeds, "--seeds", first=first_seed) or [first_seed],
             datasets=dataset,
             algorithms=algorithm,
             epochs=epochs,
@@ -437,10 +437,9 @@ def suite(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run configs x seeds once each; finished runs are skipped and interrupted ones resumed."""
+    from bpfree.config import parse_seeds
     from bpfree.protocol.suite import SlurmOptions, run_suite
     from bpfree.report.render import write_report
-
-    from bpfree.config import parse_seeds
 
     options = SlurmOptions(partition, account, gpus, time_min, cpus, mem_gb)
     seed_list = parse_seeds(seeds, "--seeds")

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -427,7 +428,7 @@ def set_dotted(values: dict[str, Any], assignments: dict[str, Any] | list[tuple[
     return values
 
 
-def apply_assignments(values: dict[str, Any], assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def apply_assignments(values: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides (as on the command line) to a copy of a config mapping."""
     pairs = []
     for text in assignments:
