@@ -274,7 +274,9 @@ def test_step_progress_and_energy_components_reach_the_record(tmp_path, one_thre
     events = []
     meter = EnergyMeter(torch.device("cpu"), monitor_factory=lambda d: (_FakeMonitor(), "zeus: NVML + RAPL, 1 CPU package(s)", None))
     cfg = build_config({**TINY, "epochs": 2, "output": str(tmp_path)})
-    record = Engine(cfg, run_dir=tmp_path / "r", progress=events.append, energy_meter=meter).run()
+    epochs: list[dict] = []
+    record = Engine(cfg, run_dir=tmp_path / "r", progress=epochs.append, energy_meter=meter, step_progress=events.append).run()
+    assert [e["epochs_run"] for e in epochs] == [1, 2] and all(e["event"] == "epoch" for e in epochs)  # epoch listeners unchanged
     steps = [e for e in events if e.get("event") == "step"]
     assert steps[0]["step"] == 1 and events[0]["event"] == "step"  # progress from the first step on
     assert [e["step"] for e in steps] == list(range(1, steps[0]["steps"] + 1)) * 2

@@ -209,7 +209,7 @@ def run(
     }
     cfg = load_config(config, overrides, set_)
     with epoch_progress(run_label(cfg), enabled=not quiet) as update:
-        run_dir, result = execute(cfg, progress=update, keep_checkpoint=keep_checkpoint)
+        run_dir, result = execute(cfg, progress=update, keep_checkpoint=keep_checkpoint, step_progress=update)
     if mlflow:
         from bpfree.tracking import log_to_mlflow
 
@@ -227,7 +227,7 @@ def resume(
     from bpfree.runner import resume as resume_run
 
     with epoch_progress(f"resume {run_dir.name}", enabled=not quiet) as update:
-        path, result = resume_run(run_dir, progress=update)
+        path, result = resume_run(run_dir, progress=update, step_progress=update)
     print_run(result, path, fmt)
 
 

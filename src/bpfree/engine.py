@@ -95,11 +95,13 @@ class Engine:
         run_dir: Path | None = None,
         progress: ProgressCallback | None = None,
         energy_meter: EnergyMeter | None = None,
+        step_progress: ProgressCallback | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress_callback = progress or (lambda info: None)
-        self.step_progress = progress is not None  # per-step events only when someone listens
+        # Per-step events ({"event": "step", ...}) go to their own listener, so epoch listeners keep their contract.
+        self.step_progress = step_progress
         self.parts = build_run(cfg)
         self.device = self.parts.device
         self.seeds = self.parts.seeds
@@ -240,10 +242,11 @@ class Engine:
         st, cfg = self.state, self.cfg
         clock = epoch_clock(phase, st.epoch_in_phase, st.epochs_run, self.data.train_x.shape[0], cfg.batch_size)
         on_step = None
-        if self.step_progress:
+        step_listener = self.step_progress
+        if step_listener is not None:
             def on_step(done: int, steps: int) -> None:  # host-side counts only: no device sync
-                self.progress_callback({"event": "step", "phase": phase.name, "step": done, "steps": steps,
-                                        "epochs_run": st.epochs_run, "total_epochs": total_epochs})
+                step_listener({"event": "step", "phase": phase.name, "step": done, "steps": steps,
+                               "epochs_run": st.epochs_run, "total_epochs": total_epochs})
         outcome = train_epoch(
             self.algorithm, self.data, clock, self.data_generator,
             flops=train_flops, energy=self.energy, memory=self.memory, autocast=self.autocast,
