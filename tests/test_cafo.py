@@ -16,11 +16,10 @@ from bpfree.algorithms.base import TrainSettings
 from bpfree.algorithms.cafo import CaFoParams, CascadedForward, ridge_solve, sparsemax, sparsemax_loss
 from bpfree.config import build_config
 from bpfree.data import DataSpec, Splits
-from bpfree.loop import EpochOutcome, epoch_clock, train_epoch
 from bpfree.engine import Engine
 from bpfree.errors import UserError
+from bpfree.loop import EpochOutcome, epoch_clock, train_epoch
 from bpfree.models.cnn import CNN3
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

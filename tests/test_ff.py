@@ -13,8 +13,8 @@ from bpfree.algorithms.base import TrainSettings
 from bpfree.config import build_config
 from bpfree.data import DataSpec
 from bpfree.engine import Engine
-from bpfree.loop import epoch_clock
 from bpfree.errors import ConfigError
+from bpfree.loop import epoch_clock
 from bpfree.models import build_model
 
 SPEC = DataSpec("toy", (1, 6, 6), 5, n_train=40, n_val=10, n_test=10, augment=False)

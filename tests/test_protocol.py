@@ -16,7 +16,7 @@ from bpfree.models import parse_model_spec
 from bpfree.protocol.compare import build_set, derive_twin
 from bpfree.protocol.suite import expand, load_suite
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "bpfree" / "configs"
 TINY = {"dataset": "mnist5k", "model": "mlp:1x16", "epochs": 1, "batch_size": 256, "patience": 4, "device": "cpu"}
 
 

@@ -108,17 +108,25 @@ def test_report_files_hold_tables_and_valid_figures(results_dir):
         assert needle in md
     assert "skipped zz_later.yaml: algorithm 'not_yet_written' is not registered" in md  # a note, not a crash
     figures = sorted((results_dir / "figures").glob("*.png"))
-    assert {f.stem for f in figures} == {"curves", "time_to_accuracy", "energy_to_accuracy", "pareto", "power"}
+    energy_measured = any(json.loads(p.read_text())["energy_j"] is not None for p in results_dir.glob("*/result.json"))
+    expected = {"curves", "time_to_accuracy", "pareto"} | ({"energy_to_accuracy", "power"} if energy_measured else set())
+    assert {f.stem for f in figures} == expected
     for figure in figures:
         assert figure.read_bytes().startswith(PNG_MAGIC)
         assert matplotlib.image.imread(figure).shape[0] > 100
         assert f"figures/{figure.name}" in md
+        assert figure.with_suffix(".svg").read_text().lstrip().startswith("<?xml") and f"figures/{figure.stem}.svg" in html
     embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
     assert len(embedded) == len(figures)
     assert all(base64.b64decode(blob).startswith(PNG_MAGIC) for blob in embedded)
     assert "<table>" in html and "Against the BP twin" in html and "src='figures/" not in html  # self-contained
-    # Energy is null on this machine: said so, with the reason, instead of a number or a blank plot.
-    assert "null: " in md and "not measured: " in md
+    # Every table can be downloaded as CSV, linked from the page.
+    for link in re.findall(r"href='(tables/[^']+\.csv)'", html):
+        assert (results_dir / link).read_text().splitlines()[0].count(",") >= 1
+    assert len(re.findall(r"href='tables/", html)) == html.count("<table>")
+    if not energy_measured:
+        # Energy is null here: said so with the reason, and its empty figures are left out, the reason given once.
+        assert "null: " in md and md.count("figures left out") == 1 and "Energy to accuracy" in md.split("figures left out")[1].splitlines()[0]
 
 
 def test_diverged_runs_are_shown_not_dropped(results_dir):
@@ -157,10 +165,49 @@ def test_report_of_an_empty_directory_is_one_line(tmp_path):
 def test_report_html_renders_in_a_headless_browser(results_dir):
     browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
     if browser is None:
-        pytest.skip("no chromium/chrome installed: headless rendering of report.html not checked")
-    proc = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", (results_dir / "report.html").as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Against the BP twin" in proc.stdout and proc.stdout.count("<img") == 5
+        pytest.skip("no chromium/chrome installed (apt-get install chromium): headless rendering of report.html not checked")
+    n_figures = len(list((results_dir / "figures").glob("*.png")))
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:  # the plain browser still checks the DOM
+        proc = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", (results_dir / "report.html").as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "Against the BP twin" in proc.stdout and proc.stdout.count("<img") == n_figures
+        return
+    with sync_playwright() as p:
+        page = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu"]).new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto((results_dir / "report.html").as_uri())
+        # Every figure decoded to a real bitmap (a broken data URI leaves naturalWidth at 0).
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+        assert len(widths) == n_figures and all(w > 300 for w in widths)
+        headings = page.eval_on_selector_all("h2, h3", "hs => hs.map(h => h.textContent)")
+        assert any("Against the BP twin" in h for h in headings)
+        assert len(headings) == len(set(headings))  # one title per figure and table
+        assert page.locator("a[href$='.csv']").count() == page.locator("table").count() > 0
+        assert page.screenshot(full_page=True).startswith(b"\x89PNG") and not errors
+
+
+def test_short_curves_have_markers_and_phase_changes_are_marked():
+    from bpfree.report import plots
+
+    def run(seed, algorithm, curves):
+        return {"run_id": f"{algorithm}{seed}", "algorithm": algorithm, "dataset": "mnist5k", "model": "cnn3", "seed": seed,
+                "status": "completed", "config": {"algorithm": algorithm, "dataset": "mnist5k", "model": "cnn3", "params": {}},
+                "config_key": algorithm, "test_accuracy": 0.9, "train_time_s": 1.0, "curves": curves, "energy_j": None,
+                "energy_reason": "no counter"}
+
+    two_phase = [{"phase": "blocks", "epoch": 1, "val_accuracy": 0.5, "cumulative_train_time_s": 1.0},
+                 {"phase": "calibrate", "epoch": 2, "val_accuracy": 0.6, "cumulative_train_time_s": 2.0}]
+    summary = summarize([run(0, "cafo", two_phase), run(0, "bp", [{"phase": "train", "epoch": 1, "val_accuracy": 0.7}])])
+    plot = plots.training_curves(summary)
+    lines = [line for ax in plot.figure.axes for line in ax.get_lines()]
+    assert any(line.get_marker() == "o" and len(line.get_xdata()) == 1 for line in lines)  # a one-point curve is visible
+    assert any(list(line.get_xdata()) == [1, 1] for line in lines)  # the phase boundary after epoch 1
+    assert not plot.figure._suptitle and not plot.empty  # the title is the report's heading, once
+    assert plots.energy_to_accuracy(summary).empty and plots.power_trace(summary).empty
+    plots.plt.close("all")

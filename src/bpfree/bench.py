@@ -19,14 +19,14 @@ from typing import Any
 import torch
 
 from bpfree.algorithms import algorithm_names
-from bpfree.config import build_config
 from bpfree.build import build_run, resolve_device
 from bpfree.capture import CapturedStep
+from bpfree.config import build_config
 from bpfree.data import train_batches
 from bpfree.loop import epoch_clock, evaluate, train_epoch
+from bpfree.meters.energy import EnergyMeter
 from bpfree.meters.environment import cpu_model
 from bpfree.meters.flops import FlopLedger
-from bpfree.meters.energy import EnergyMeter
 from bpfree.meters.memory import MemoryMeter
 from bpfree.meters.timer import synchronize
 

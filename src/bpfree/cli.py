@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sys
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,18 +22,57 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Train with backpropagation-free algorithms and measure them side by side with backprop.",
 )
-console = Console(stderr=True)
-out = Console()
+
+
+def _console(stderr: bool) -> Console:
+    """A terminal gets rich's width; a log file or pipe (Slurm output) gets lines that are never cut."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=int(os.environ.get("BPFREE_LOG_WIDTH", "400")), soft_wrap=True)
+
+
+console = _console(stderr=True)
+out = _console(stderr=False)
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    markdown = "markdown"
+    json = "json"
+
+
+FORMAT_HELP = "table (terminal), markdown (pipe into a file or issue) or json (machine-readable)"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from bpfree import __version__
+
+        print(f"bpfree {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="log to stderr: -v info, -vv debug"),
+) -> None:
+    """Train with backpropagation-free algorithms and measure them side by side with backprop."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
 @contextmanager
 def epoch_progress(label: str, enabled: bool = True):
     """A rich progress bar fed by the engine's per-epoch callback.
 
-    The bar appears with the first finished epoch, so a run that fails while it is being set up
-    (missing data, bad output directory) prints its one-line error and nothing else.
+    The bar appears with the first training step (steps, rate, ETA for the epoch and the run), so
+    a run that fails while it is being set up (missing data, bad output directory) prints its
+    one-line error and nothing else.
     """
     if not enabled:
         yield lambda info: None
@@ -44,10 +87,27 @@ def epoch_progress(label: str, enabled: bool = True):
         transient=False,
     )
     task = bar.add_task(label, total=None, status="")
+    clock: dict[str, Any] = {}
 
     def update(info: dict[str, Any]) -> None:
+        import time
+
         if not bar.live.is_started:
             bar.start()
+        now = time.perf_counter()
+        if info.get("event") == "step":
+            # Counts only (no device sync): the rate is of steps issued, which a bounded GPU queue keeps honest.
+            if info["step"] == 1 or clock.get("epochs_run") != info["epochs_run"]:
+                clock.update(start=now, epochs_run=info["epochs_run"])
+            elapsed = now - clock["start"]
+            rate = info["step"] / elapsed if elapsed > 0 else None
+            status = f"{info['phase']} step {info['step']}/{info['steps']}"
+            if rate:
+                epoch_left = (info["steps"] - info["step"]) / rate
+                run_left = epoch_left + (info["total_epochs"] - info["epochs_run"] - 1) * info["steps"] / rate
+                status += f"  {rate:.1f} it/s  epoch ETA {epoch_left:.0f}s  run ETA {run_left:.0f}s"
+            bar.update(task, total=info["total_epochs"], completed=info["epochs_run"] + info["step"] / max(1, info["steps"]), status=status)
+            return
         bar.update(
             task,
             total=info["total_epochs"],
@@ -62,16 +122,15 @@ def epoch_progress(label: str, enabled: bool = True):
             bar.stop()
 
 
-def result_table(results: list[dict[str, Any]], title: str = "Results") -> Table:
-    from bpfree.report.render import fmt_bytes, fmt_flops
+def result_data(results: list[dict[str, Any]], title: str = "Results"):
+    from bpfree.report.render import TableData, fmt_bytes, fmt_flops
 
-    table = Table(title=title)
-    for column in ("algorithm", "model", "status", "test acc", "epochs", "train s", "eval s", "train FLOPs", "peak mem", "energy"):
-        table.add_column(column, no_wrap=True)
+    columns = ["algorithm", "model", "status", "test acc", "epochs", "train s", "eval s", "train FLOPs", "peak mem", "energy"]
+    rows = []
     for r in results:
         energy = f"{r['energy_j']:.1f} J" if r.get("energy_j") is not None else "null"
         acc = f"{r['test_accuracy']:.4f}" if r.get("test_accuracy") is not None else "—"
-        table.add_row(
+        rows.append([
             r["algorithm"],
             r["model"],
             r["status"],
@@ -82,8 +141,27 @@ def result_table(results: list[dict[str, Any]], title: str = "Results") -> Table
             fmt_flops(r.get("train_flops")),
             fmt_bytes(r.get("peak_memory_bytes")),
             energy,
-        )
-    return table
+        ])
+    return TableData(title, columns, rows)
+
+
+def result_table(results: list[dict[str, Any]], title: str = "Results") -> Table:
+    from bpfree.report.render import rich_table
+
+    return rich_table(result_data(results, title))
+
+
+def print_run(result: dict[str, Any], run_dir: Path, fmt: OutputFormat) -> None:
+    from bpfree.report.render import markdown_table
+
+    if fmt is OutputFormat.json:
+        print(json.dumps({**result, "run_dir": str(run_dir)}, indent=2, allow_nan=False))
+        return
+    if fmt is OutputFormat.markdown:
+        print(markdown_table(result_data([result])))
+    else:
+        out.print(result_table([result]))
+    console.print(f"result: {run_dir / 'result.json'}", highlight=False)
 
 
 @app.command()
@@ -105,7 +183,9 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="results directory (default results/)"),
     set_: list[str] = typer.Option([], "--set", help="any field as key=value, e.g. params.schedule=layerwise"),
     keep_checkpoint: bool = typer.Option(False, help="keep checkpoint.pt after a completed run"),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="also log params, per-epoch metrics and the result to this MLflow tracking URI"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Train one model with one algorithm and write <output>/<run_id>/result.json."""
     from bpfree.config import load_config, run_label
@@ -129,23 +209,26 @@ def run(
     }
     cfg = load_config(config, overrides, set_)
     with epoch_progress(run_label(cfg), enabled=not quiet) as update:
-        run_dir, result = execute(cfg, progress=update, keep_checkpoint=keep_checkpoint)
-    out.print(result_table([result]))
-    out.print(f"result: {run_dir / 'result.json'}")
+        run_dir, result = execute(cfg, progress=update, keep_checkpoint=keep_checkpoint, step_progress=update)
+    if mlflow:
+        from bpfree.tracking import log_to_mlflow
+
+        log_to_mlflow(run_dir, mlflow)
+    print_run(result, run_dir, fmt)
 
 
 @app.command()
 def resume(
     run_dir: Path = typer.Argument(..., help="an interrupted run's directory (holds config.json, checkpoint.pt)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Continue an interrupted run from its last checkpoint."""
     from bpfree.runner import resume as resume_run
 
     with epoch_progress(f"resume {run_dir.name}", enabled=not quiet) as update:
-        path, result = resume_run(run_dir, progress=update)
-    out.print(result_table([result]))
-    out.print(f"result: {path / 'result.json'}")
+        path, result = resume_run(run_dir, progress=update, step_progress=update)
+    print_run(result, path, fmt)
 
 
 @app.command()
@@ -231,14 +314,26 @@ def runs_progress(enabled: bool = True):
         yield on_plan, on_done
 
 
-def print_report(report, full: bool = False) -> None:
-    from bpfree.report.render import rich_table
+def print_report(report, full: bool = False, fmt: OutputFormat = OutputFormat.table) -> None:
+    from bpfree.report.render import markdown_table, rich_table
 
-    for data in report.tables[: (5 if full else 2)]:
-        out.print(rich_table(data))
+    tables = report.tables if fmt is OutputFormat.json else report.tables[: (5 if full else 2)]
+    if fmt is OutputFormat.json:
+        payload = {
+            "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows, "caption": t.caption} for t in tables],
+            "notes": list(report.notes),
+            "report": {"markdown": str(report.markdown), "html": str(report.html)},
+        }
+        print(json.dumps(payload, indent=2))
+        return
+    for data in tables:
+        if fmt is OutputFormat.markdown:
+            print(markdown_table(data) + "\n")
+        else:
+            out.print(rich_table(data))
     for note in report.notes:
-        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    out.print(f"report: {report.markdown}  {report.html}")
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    console.print(f"report: {report.markdown}  {report.html}", highlight=False)
 
 
 @app.command()
@@ -250,14 +345,15 @@ def compare(
     first_seed: int = typer.Option(0, "--first-seed", help="seeds are first-seed, first-seed+1, ..."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="override every config's epoch budget (per phase)"),
     output: Path = typer.Option(Path("results/compare"), "--output", "-o", help="results directory (resumable: finished runs are kept)"),
-    jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="runs in parallel, each in its own process; 0 = auto (1 with a GPU or energy counter, else one per CPU core up to 4)"),
+    jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="runs in parallel, each in its own process; 0 = auto (1 with a GPU or energy counter, else one per allocated CPU up to 4)"),
     executor: str = typer.Option("local", "--executor", help="local (processes), inline (this process), submitit-local, debug"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads per run (default: CPU cores / jobs)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads per run (default: allocated CPUs / jobs)"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default: each config's)"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="directory with torchvision datasets"),
     bp_config: Optional[Path] = typer.Option(None, "--bp-config", help="BP config whose optimizer/lr/weight_decay/momentum the derived BP twins use (e.g. a tuned one)"),
     set_: list[str] = typer.Option([], "--set", help="any field for every run as key=value"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Each alternative algorithm next to BP on the identical architecture: runs, table and report."""
     import time
@@ -271,7 +367,7 @@ def compare(
         outcome = run_compare(
             configs=configs or None,
             output=output,
-            seeds=parse_seeds(seeds, "--seeds", first=first_seed),
+            seeds=parse_seeds(seeds, "--seeds", first=first_seed) or [first_seed],
             datasets=dataset,
             algorithms=algorithm,
             epochs=epochs,
@@ -284,8 +380,8 @@ def compare(
             on_done=on_done,
             threads=threads,
         )
-    print_report(outcome.report)
-    out.print(f"compare took {time.perf_counter() - start:.0f} s")
+    print_report(outcome.report, fmt=fmt)
+    console.print(f"compare took {time.perf_counter() - start:.0f} s")
     if outcome.suite.failed:
         raise typer.Exit(1)
 
@@ -326,7 +422,7 @@ def suite(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="results directory (default: the suite's, else results/<suite stem>)"),
     executor: str = typer.Option("local", "--executor", help="local, inline, slurm, submitit-local or debug"),
     jobs: int = typer.Option(1, "--jobs", "-j", help="local: runs in parallel (one process each); slurm: array parallelism"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="local: torch threads per run (default: CPU cores / jobs)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="local: torch threads per run (default: allocated CPUs / jobs)"),
     set_: list[str] = typer.Option([], "--set", help="override a field in every config, key=value"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="override the suite's seeds: a count (3) or a list (0,1,2)"),
     partition: Optional[str] = typer.Option(None, help="slurm partition"),
@@ -341,10 +437,9 @@ def suite(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run configs x seeds once each; finished runs are skipped and interrupted ones resumed."""
+    from bpfree.config import parse_seeds
     from bpfree.protocol.suite import SlurmOptions, run_suite
     from bpfree.report.render import write_report
-
-    from bpfree.config import parse_seeds
 
     options = SlurmOptions(partition, account, gpus, time_min, cpus, mem_gb)
     seed_list = parse_seeds(seeds, "--seeds")
@@ -370,11 +465,67 @@ def report(
     results_dir: Path = typer.Argument(..., help="a results directory (holds <run_id>/result.json)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="where report.md, report.html and figures/ go (default: results_dir)"),
     full: bool = typer.Option(False, "--full", help="also print the runs, environment and deviations tables"),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Rebuild tables and plots from stored results alone."""
     from bpfree.report.render import write_report
 
-    print_report(write_report(results_dir, out_dir), full=full)
+    print_report(write_report(results_dir, out_dir), full=full, fmt=fmt)
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="a completed run's directory (holds config.json, result.json, weights.safetensors)"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="default: the dataset it was trained on"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="directory with torchvision datasets"),
+    split: str = typer.Option("test", "--split", help="test, val or train"),
+    download: bool = typer.Option(False, "--download/--no-download", help="download a missing dataset"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default: the run's)"),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
+) -> None:
+    """Accuracy of a completed run's saved weights on a dataset split; stored under <run_dir>/evaluations/."""
+    from bpfree.evaluation import evaluate_run
+
+    path, record = evaluate_run(run_dir, dataset, data_root, split, download, device)
+    if fmt is OutputFormat.json:
+        print(json.dumps({**record, "path": str(path)}, indent=2))
+    else:
+        line = f"{record['dataset']} {record['split']}: accuracy {record['accuracy']:.4f} on {record['n']} samples"
+        print(line)
+        console.print(f"evaluation: {path}", highlight=False)
+
+
+@app.command()
+def schema(
+    write: Optional[Path] = typer.Option(None, "--write", help="write the schema to this file instead of printing it"),
+) -> None:
+    """The JSON schema of result.json (also shipped as schema/result.schema.json)."""
+    from bpfree.results import atomic_write_text, result_schema
+
+    text = json.dumps(result_schema(), indent=2) + "\n"
+    if write is None:
+        print(text, end="")
+    else:
+        atomic_write_text(write, text)
+        console.print(f"wrote {write}")
+
+
+class ExportFormat(str, Enum):
+    csv = "csv"
+    parquet = "parquet"
+
+
+@app.command()
+def export(
+    results_dir: Path = typer.Argument(..., help="a results directory (holds <run_id>/result.json)"),
+    fmt: ExportFormat = typer.Option(ExportFormat.csv, "--format", "-f", help="csv, or parquet (needs the 'parquet' extra)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="where runs, curves and phases go (default: <results_dir>/export)"),
+) -> None:
+    """Runs, per-epoch curves and phases as tidy tables (one row per run, epoch or phase)."""
+    from bpfree.export import export_tables
+
+    for path in export_tables(results_dir, out_dir or results_dir / "export", fmt.value):
+        out.print(str(path), highlight=False)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -427,7 +428,7 @@ def set_dotted(values: dict[str, Any], assignments: dict[str, Any] | list[tuple[
     return values
 
 
-def apply_assignments(values: dict[str, Any], assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def apply_assignments(values: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides (as on the command line) to a copy of a config mapping."""
     pairs = []
     for text in assignments:
@@ -482,6 +483,10 @@ def load_config(
     assignments: list[str] | None = None,
 ) -> RunConfig:
     """Load a run config: YAML file (optional), then flag overrides (None values ignored), then key=value pairs."""
+    if path is not None:
+        from bpfree.configs import resolve
+
+        path = resolve(path)
     values: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     values = dict(values)
     values["params"] = dict(values.get("params") or {}) if isinstance(values.get("params") or {}, dict) else values["params"]

@@ -24,7 +24,7 @@ from bpfree.capture import CapturedStep
 from bpfree.config import RunConfig
 from bpfree.errors import UserError
 from bpfree.loop import EpochOutcome, epoch_clock, evaluate, train_epoch
-from bpfree.meters.energy import EnergyMeter
+from bpfree.meters.energy import EnergyMeter, merge_components
 from bpfree.meters.flops import FlopLedger
 from bpfree.meters.memory import MemoryMeter
 from bpfree.record import result_record
@@ -53,6 +53,7 @@ class Progress:
     energy_j: float | None = 0.0
     eval_energy_j: float | None = 0.0
     energy_reason: str | None = None
+    energy_components: dict[str, float | None] | None = None  # training energy by component
     train_flops: int = 0
     eval_flops: int = 0
     flops_per_step: dict[str, int] = field(default_factory=dict)
@@ -94,10 +95,13 @@ class Engine:
         run_dir: Path | None = None,
         progress: ProgressCallback | None = None,
         energy_meter: EnergyMeter | None = None,
+        step_progress: ProgressCallback | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress_callback = progress or (lambda info: None)
+        # Per-step events ({"event": "step", ...}) go to their own listener, so epoch listeners keep their contract.
+        self.step_progress = step_progress
         self.parts = build_run(cfg)
         self.device = self.parts.device
         self.seeds = self.parts.seeds
@@ -237,10 +241,16 @@ class Engine:
         """One training epoch and its validation; returns True when the phase stops early."""
         st, cfg = self.state, self.cfg
         clock = epoch_clock(phase, st.epoch_in_phase, st.epochs_run, self.data.train_x.shape[0], cfg.batch_size)
+        on_step = None
+        step_listener = self.step_progress
+        if step_listener is not None:
+            def on_step(done: int, steps: int) -> None:  # host-side counts only: no device sync
+                step_listener({"event": "step", "phase": phase.name, "step": done, "steps": steps,
+                               "epochs_run": st.epochs_run, "total_epochs": total_epochs})
         outcome = train_epoch(
             self.algorithm, self.data, clock, self.data_generator,
             flops=train_flops, energy=self.energy, memory=self.memory, autocast=self.autocast,
-            step=self.captured_step,
+            step=self.captured_step, on_step=on_step,
         )
         self._account_training(outcome)
         st.epoch_in_phase += 1
@@ -272,6 +282,7 @@ class Engine:
             st.stale_epochs += 1
         self.progress_callback(
             {
+                "event": "epoch",
                 "phase": phase.name,
                 "epoch": st.epoch_in_phase,
                 "epochs_run": st.epochs_run,
@@ -288,6 +299,8 @@ class Engine:
         st.phase_train_time_s += outcome.seconds
         st.probe_time_s += outcome.probe_s
         st.energy_j = _add(st.energy_j, outcome.joules)
+        if st.energy_j is not None:
+            st.energy_components = merge_components(st.energy_components, outcome.energy_components)
         st.energy_reason = st.energy_reason or outcome.energy_reason
         st.phase_peak_memory_bytes = _max(st.phase_peak_memory_bytes, outcome.peak_memory_bytes)
 
@@ -327,4 +340,8 @@ class Engine:
             st.probe_time_s += test.probe_s
             st.eval_energy_j = _add(st.eval_energy_j, test.joules)
             st.status = "completed"
+            if self.run_dir is not None:
+                from bpfree.weights import WEIGHTS_FILE, save_weights
+
+                save_weights(self.run_dir / WEIGHTS_FILE, self.algorithm, {"config_key": self.cfg.key()})
         return result_record(self, resumed, train_flops, eval_flops, test_accuracy)

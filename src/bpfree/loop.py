@@ -20,7 +20,7 @@ import torch
 from bpfree.algorithms.base import Algorithm, EpochClock
 from bpfree.capture import CapturedStep
 from bpfree.data import Splits, eval_batches, num_batches, train_batches
-from bpfree.meters.energy import EnergyMeter
+from bpfree.meters.energy import EnergyMeter, add_components
 from bpfree.meters.flops import FlopLedger, run_counted
 from bpfree.meters.memory import MemoryMeter
 from bpfree.meters.timer import synchronize
@@ -46,6 +46,7 @@ class MeasuredWindow:
             energy.reason if energy is not None else "no energy meter"
         )
         self.peak_memory_bytes: int | None = None
+        self.components: dict[str, float | None] | None = None  # energy by component (gpu, cpu_package, dram)
         self._start: float | None = None
 
     def __enter__(self) -> MeasuredWindow:
@@ -72,6 +73,7 @@ class MeasuredWindow:
         self._start = None
         if self.energy is not None:
             reading = self.energy.end()
+            self.components = add_components(self.components, reading) if reading.joules is not None else self.components
             if reading.joules is None:
                 self.joules, self.reason = None, self.reason or reading.reason
             elif self.joules is not None:
@@ -103,6 +105,7 @@ class EpochOutcome:
     energy_reason: str | None
     peak_memory_bytes: int | None
     closing: dict[str, float] = field(default_factory=dict)  # what end_epoch reported, as floats
+    energy_components: dict[str, float | None] | None = None
 
 
 def epoch_clock(algorithm_phase, epoch: int, epochs_run: int, n_train: int, batch_size: int) -> EpochClock:
@@ -178,6 +181,7 @@ def train_epoch(
         energy_reason=window.reason,
         peak_memory_bytes=window.peak_memory_bytes,
         closing=values,
+        energy_components=window.components if window.joules is not None else None,
     )
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bpfree.loop import inference_flops_per_sample
-from bpfree.meters.environment import environment
+from bpfree.meters.environment import allocated_cpus, environment
 from bpfree.meters.flops import FlopLedger
 from bpfree.results import SCHEMA_VERSION
 
@@ -67,6 +68,9 @@ def result_record(
         "eval_energy_j": st.eval_energy_j if energy_available else None,
         "energy_method": engine.energy.method if energy_j is not None else None,
         "energy_reason": None if energy_j is not None else (engine.energy.reason or st.energy_reason),
+        # Training energy by counter (gpu, cpu_package, dram) and whether the CPU counters saw more than this job.
+        "energy_components_j": st.energy_components if energy_j is not None else None,
+        "energy_scope_note": engine.energy.scope_note(engine.device, allocated_cpus(), os.cpu_count()) if energy_j is not None else None,
         **algorithm.parameter_counts(),
         "data": {
             "n_train": data.spec.n_train,

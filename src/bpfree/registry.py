@@ -33,9 +33,17 @@ class DuplicateNameError(ValueError):
 class Registry(Generic[T]):
     """Named entries of one kind (``kind`` names it in messages: 'algorithm', 'dataset', ...)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plugin_group: str | None = None) -> None:
         self.kind = kind
+        self.plugin_group = plugin_group  # entry-point group of other packages' entries, loaded at first lookup
         self._entries: dict[str, T] = {}
+
+    def _with_plugins(self) -> dict[str, T]:
+        if self.plugin_group is not None:
+            from bpfree.plugins import load_plugins
+
+            load_plugins(self.plugin_group)  # once per process; a no-op afterwards
+        return self._entries
 
     def add(self, name: str, entry: T) -> T:
         if not isinstance(name, str) or not name or not name.isprintable() or name != name.strip():
@@ -58,7 +66,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         try:
-            return self._entries[name]
+            return self._with_plugins()[name]
         except (KeyError, TypeError):
             raise UnknownNameError(self.unknown_message(name)) from None
 
@@ -67,19 +75,19 @@ class Registry(Generic[T]):
         return f"unknown {self.kind} {shown}; choose one of {', '.join(self.names()) or '(none registered)'}"
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._with_plugins())
 
     def items(self) -> list[tuple[str, T]]:
-        return sorted(self._entries.items())
+        return sorted(self._with_plugins().items())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._with_plugins()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._with_plugins())
 
 
 def _describe(entry: object) -> str:

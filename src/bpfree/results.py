@@ -9,9 +9,10 @@ import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from bpfree.config import RunConfig
 from bpfree.errors import UserError
@@ -69,6 +70,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
+def atomic_write_bytes(path: Path, blob: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(blob))
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     blob = json.dumps(data, indent=2, sort_keys=False, allow_nan=False).encode()
     atomic_write(path, lambda handle: handle.write(blob))
@@ -104,3 +109,107 @@ def iter_results(directory: Path) -> Iterator[dict[str, Any]]:
 
 def load_results(directory: Path) -> list[dict[str, Any]]:
     return list(iter_results(directory))
+
+
+class CurvePoint(BaseModel):
+    """One epoch of training: a row of ``Result.curves``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: str
+    epoch: int
+    train_loss: float | None = None
+    val_accuracy: float | None = None
+    epoch_time_s: float | None = None
+    eval_time_s: float | None = None
+    energy_j: float | None = None
+    cumulative_train_time_s: float | None = None
+    cumulative_energy_j: float | None = None
+
+
+class Result(BaseModel):
+    """The record of one run, as stored in ``<run_dir>/result.json``.
+
+    Fields the engine adds later are kept (``extra="allow"``), so a newer record still loads; the
+    published JSON schema (``bpfree schema``) lists the fields every record has.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str
+    schema_version: int
+    status: Literal["completed", "diverged", "running", "interrupted"] | str
+    reason: str | None = None
+    algorithm: str
+    dataset: str
+    model: str
+    seed: int
+    config_key: str
+    config: dict[str, Any]
+    paper: str | None = None
+    deviations: list[str] = Field(default_factory=list)
+    test_accuracy: float | None = None
+    best_val_accuracy: float | None = None
+    epochs_run: int
+    curves: list[CurvePoint] = Field(default_factory=list)
+    phases: list[dict[str, Any]] = Field(default_factory=list)
+    train_time_s: float
+    eval_time_s: float
+    train_flops: int | None = None
+    eval_flops: int | None = None
+    inference_flops_per_sample: float | None = None
+    peak_memory_bytes: int | None = None
+    memory_method: str | None = None
+    energy_j: float | None = Field(None, description="training energy in joules; null (never 0) where no counter was readable")
+    eval_energy_j: float | None = None
+    energy_method: str | None = None
+    energy_reason: str | None = None
+    environment: dict[str, Any] = Field(default_factory=dict)
+    started_at: str | None = None
+    finished_at: str | None = None
+
+    _run_dir: Path | None = PrivateAttr(None)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """Where the record was read from or written to (not part of the stored JSON)."""
+        return self._run_dir
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path) -> Result:
+        path = Path(run_dir) / RESULT_FILE
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: no readable result ({exc})") from None
+        result = cls.model_validate(record)
+        result._run_dir = Path(run_dir)
+        return result
+
+
+def result_schema() -> dict[str, Any]:
+    """The JSON schema of ``result.json`` (published as ``schema/result.schema.json``)."""
+    schema = Result.model_json_schema()
+    schema["$id"] = "https://bpfree/result.schema.json"
+    schema["title"] = "bpfree run result"
+    return schema
+
+
+def load_results_frame(directory: Path):
+    """Every run under ``directory`` as one pandas DataFrame row (nested records as columns)."""
+    import pandas as pd
+
+    rows = []
+    for record in iter_results(directory):
+        row = {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
+        for name, value in (record.get("config") or {}).items():
+            if not isinstance(value, (list, dict)):
+                row.setdefault(f"config.{name}", value)
+        for name, value in ((record.get("config") or {}).get("params") or {}).items():
+            row[f"params.{name}"] = value
+        for name, value in (record.get("environment") or {}).items():
+            if not isinstance(value, (list, dict)):
+                row[f"environment.{name}"] = value
+        row["run_dir"] = str(Path(directory) / record["run_id"])
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -17,6 +17,7 @@ def execute(
     run_dir: Path | None = None,
     progress: ProgressCallback | None = None,
     keep_checkpoint: bool = False,
+    step_progress: ProgressCallback | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Train ``cfg`` and write ``<output>/<run_id>/result.json``; returns (run_dir, result).
 
@@ -26,7 +27,7 @@ def execute(
     output = ensure_writable_dir(cfg.output if run_dir is None else Path(run_dir).parent)
     run_id = new_run_id(cfg) if run_dir is None else Path(run_dir).name
     run_dir = output / run_id
-    engine = Engine(cfg, run_dir=run_dir, progress=progress)
+    engine = Engine(cfg, run_dir=run_dir, progress=progress, step_progress=step_progress)
     if not (run_dir / CONFIG_FILE).exists():
         atomic_write_json(run_dir / CONFIG_FILE, {"run_id": run_id, "config": cfg.model_dump(mode="json")})
     result = {"run_id": run_id, **engine.run()}
@@ -47,9 +48,11 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return build_config(stored, source=str(path))
 
 
-def resume(run_dir: Path, progress: ProgressCallback | None = None, keep_checkpoint: bool = False):
+def resume(run_dir: Path, progress: ProgressCallback | None = None, keep_checkpoint: bool = False,
+           step_progress: ProgressCallback | None = None):
     """Continue an interrupted run from its checkpoint (or restart it cleanly if it has none)."""
     run_dir = Path(run_dir)
     if (run_dir / RESULT_FILE).exists():
         raise UserError(f"run directory {run_dir}: already complete ({RESULT_FILE} exists); nothing to resume")
-    return execute(load_run_config(run_dir), run_dir=run_dir, progress=progress, keep_checkpoint=keep_checkpoint)
+    return execute(load_run_config(run_dir), run_dir=run_dir, progress=progress, keep_checkpoint=keep_checkpoint,
+                   step_progress=step_progress)

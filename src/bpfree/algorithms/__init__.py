@@ -9,7 +9,7 @@ from __future__ import annotations
 from bpfree.algorithms.base import Algorithm
 from bpfree.registry import Registry
 
-ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", plugin_group="bpfree.algorithms")
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:

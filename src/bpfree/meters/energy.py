@@ -19,8 +19,28 @@ import torch
 class EnergyReading:
     joules: float | None
     gpu_joules: float | None = None
-    cpu_joules: float | None = None
+    cpu_joules: float | None = None  # CPU packages plus DRAM (the two RAPL domains summed)
     reason: str | None = None
+    dram_joules: float | None = None  # the DRAM part of cpu_joules, where RAPL exposes it
+
+    def components(self) -> dict[str, float | None]:
+        package = None if self.cpu_joules is None else self.cpu_joules - (self.dram_joules or 0.0)
+        return {"gpu": self.gpu_joules, "cpu_package": package, "dram": self.dram_joules}
+
+
+def merge_components(total: dict[str, float | None] | None, more: dict[str, float | None] | None) -> dict[str, float | None] | None:
+    """Sum two per-component totals; a component unknown in either is unknown (None)."""
+    if total is None or more is None:
+        return more if total is None else total
+    return {k: None if total.get(k) is None or more.get(k) is None else total[k] + more[k] for k in total}  # type: ignore[operator]
+
+
+def add_components(total: dict[str, float | None] | None, reading: EnergyReading) -> dict[str, float | None]:
+    """Accumulate a window's per-component energy; a component missing in any window stays None."""
+    parts = reading.components()
+    if total is None:
+        return parts
+    return {k: None if total.get(k) is None or parts[k] is None else total[k] + parts[k] for k in parts}  # type: ignore[operator]
 
 
 RAPL_COUNTERS = "/sys/class/powercap/intel-rapl:*/energy_uj"
@@ -97,6 +117,23 @@ class EnergyMeter:
     def available(self) -> bool:
         return self.monitor is not None
 
+    @property
+    def cpu_counters(self) -> bool:
+        return "RAPL" in (self.method or "")
+
+    def scope_note(self, device: torch.device, job_cpus: int, node_cpus: int | None) -> str | None:
+        """Why the CPU energy covers more than this job, or None when it does not.
+
+        RAPL counts whole CPU packages and their DRAM: everything the node runs, not this process.
+        """
+        if self.monitor is None or not self.cpu_counters:
+            return None
+        if device.type == "cuda":
+            return "CPU package and DRAM energy (RAPL) is the whole node's, added to this job's GPU energy"
+        if node_cpus is not None and job_cpus < node_cpus:
+            return f"CPU package and DRAM energy (RAPL) is the whole node's ({node_cpus} CPUs); this job had {job_cpus}"
+        return None
+
     def begin(self) -> None:
         if self.monitor is None:
             return
@@ -121,13 +158,14 @@ class EnergyMeter:
         cpu_parts = [v for v in (measurement.cpu_energy or {}).values() if v is not None]
         dram_parts = [v for v in (getattr(measurement, "dram_energy", None) or {}).values() if v is not None]
         cpu = sum(cpu_parts) + sum(dram_parts) if cpu_parts else None
+        dram = float(sum(dram_parts)) if cpu_parts and dram_parts else None
         values = [v for v in (gpu, cpu) if v is not None]
         if not values:
             return EnergyReading(None, reason="counters returned no energy for this window")
         if any(v < 0 for v in values):
             # A wrapped counter that the backend did not correct: the window's value is unknown.
-            return EnergyReading(None, gpu, cpu, reason="energy counter went backwards (wrap-around not corrected)")
-        return EnergyReading(float(sum(values)), gpu, cpu)
+            return EnergyReading(None, gpu, cpu, reason="energy counter went backwards (wrap-around not corrected)", dram_joules=dram)
+        return EnergyReading(float(sum(values)), gpu, cpu, dram_joules=dram)
 
     def _fail(self, reason: str) -> None:
         self.monitor = None

@@ -29,7 +29,7 @@ class ModelFamily:
     forms: str  # human-readable accepted forms, for error messages
 
 
-MODEL_FAMILIES: Registry[ModelFamily] = Registry("model family")
+MODEL_FAMILIES: Registry[ModelFamily] = Registry("model family", plugin_group="bpfree.models")
 
 
 def register_model(prefix: str, parse: Callable[[str], Any], build: Callable[[Any, DataSpec], nn.Module], forms: str) -> ModelFamily:

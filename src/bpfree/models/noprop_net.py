@@ -59,7 +59,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bpfree.data import DataSpec
 from bpfree.models import register_model
 
 ALPHA_BAR_CLIP = 1e-3  # ᾱ_t spans [clip, 1 - clip]: SNR(0) > 0 and SNR(T) finite

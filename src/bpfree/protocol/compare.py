@@ -1,8 +1,9 @@
 """`bpfree compare`: every alternative algorithm next to backprop on the identical architecture.
 
-The comparison set is a directory (or list) of config files, by default ``configs/quick/``. Each
-config whose algorithm is not ``bp`` is an *alternative*; its *BP twin* follows the one rule of
-:mod:`bpfree.protocol.twin` (the report pairs results by the same rule):
+The comparison set is a directory (or list) of config files, by default the shipped ``quick``
+configs (``src/bpfree/configs/quick/``). Each config whose algorithm is not ``bp`` is an
+*alternative*; its *BP twin* follows the one rule of :mod:`bpfree.protocol.twin` (the report pairs
+results by the same rule):
 
 - an explicit BP config in the set on the same dataset, model and device type (the one whose
   budget matches best), if there is one; otherwise
@@ -33,20 +34,18 @@ DEFAULT_SEEDS = 3
 
 
 def default_configs_dir() -> Path:
-    """``./configs/quick`` if present, else the repository's (for an editable install)."""
-    here = Path("configs") / "quick"
-    if here.is_dir():
-        return here
-    repo = Path(__file__).resolve().parents[3] / "configs" / "quick"
-    if repo.is_dir():
-        return repo
-    raise UserError("no configs/quick directory here; run from the bpfree repository or pass --configs DIR")
+    """The shipped ``quick`` configs (package data, so this works from any folder)."""
+    from bpfree.configs import packaged_dir
+
+    return packaged_dir("quick")
 
 
 def config_files(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
+    from bpfree.configs import resolve
+
     for path in paths:
-        path = Path(path)
+        path = resolve(path)
         if path.is_dir():
             files += sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
         elif path.is_file():
@@ -142,7 +141,8 @@ def build_set(
 
     alt_entries: list[SuiteEntry] = []
     bp_entries: list[SuiteEntry] = []
-    for dataset in list(datasets) or [None]:
+    dataset_choices: list[str | None] = list(datasets) or [None]
+    for dataset in dataset_choices:
         for path, values in alternatives:
             alt = finish(values, dataset)
             alt.setdefault("name", path.stem)
@@ -180,15 +180,14 @@ def auto_jobs() -> int:
     (each run's time and energy must be its own); otherwise one single-threaded run per core, up
     to 4 (small models gain little from intra-op threads, and on a shared CPU multi-threaded
     kernels stall badly)."""
-    import os
-
     import torch
 
     from bpfree.meters.energy import cpu_energy_counter_readable
+    from bpfree.meters.environment import allocated_cpus
 
     if torch.cuda.is_available() or cpu_energy_counter_readable():
         return 1
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, allocated_cpus()))
 
 
 def compare(

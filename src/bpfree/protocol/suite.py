@@ -24,7 +24,6 @@ from __future__ import annotations
 import fcntl
 import json
 import multiprocessing
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -89,7 +88,9 @@ def _seeds(value: Any, where: str) -> list[int] | None:
 
 def load_suite(path: Path) -> Suite:
     """Read and check a suite file; every problem is one UserError line naming the file and entry."""
-    path = Path(path)
+    from bpfree.configs import resolve
+
+    path = resolve(path)
     where = f"suite file {path}"
     if not path.is_file():
         raise UserError(f"{where}: not found")
@@ -340,7 +341,9 @@ Callback = Callable[[Task, dict[str, Any]], None]
 
 
 def _threads_per_run(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+    from bpfree.meters.environment import allocated_cpus
+
+    return max(1, allocated_cpus() // max(1, jobs))
 
 
 def _run_inline(tasks: Sequence[Task], threads: int | None, on_done: Callback) -> None:

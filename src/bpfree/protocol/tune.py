@@ -115,7 +115,7 @@ def resolve_storage(url: str | None, output: Path) -> tuple[Any, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            storage = _retry(lambda: RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=180, **callback))
+            storage = _retry(lambda: RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=180, **callback))  # type: ignore[arg-type]
     except (ImportError, ModuleNotFoundError) as exc:
         raise UserError(f"--storage {url}: its database driver is not installed ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - a bad URL or unreachable server: one line
@@ -205,7 +205,7 @@ def tune(
             )
     for key, value in attrs.items():
         if key not in existing:
-            _retry(lambda key=key, value=value: study.set_user_attr(key, value))
+            _retry(lambda key=key, value=value: study.set_user_attr(key, value))  # type: ignore[misc]
 
     def objective(trial: Any) -> float:
         chosen = suggest(trial, space)

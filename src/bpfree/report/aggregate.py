@@ -99,7 +99,7 @@ class Group:
 
     @property
     def seeds(self) -> list[int]:
-        return [r.get("seed") for r in self.runs]
+        return [int(r["seed"]) for r in self.runs]
 
     @property
     def is_baseline(self) -> bool:

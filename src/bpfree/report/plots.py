@@ -1,8 +1,9 @@
 """Report figures (matplotlib, Agg backend): curves, time/energy to accuracy, Pareto, power trace.
 
 Each function takes a :class:`~bpfree.report.aggregate.Summary` and returns a :class:`Plot`. A plot
-whose quantity was never measured still renders, saying "not measured: <reason>", so a missing
-figure is never mistaken for a missing run.
+with nothing to draw (e.g. energy where no counter was readable) is marked ``empty`` with the
+reason; the report leaves it out and states the reason once. The figure's title is the report's
+heading, not repeated inside the image.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from bpfree.report.aggregate import Group, Summary  # noqa: E402
 
-PALETTE = plt.get_cmap("tab10").colors
+PALETTE = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
 
 
 @dataclass
@@ -30,12 +31,18 @@ class Plot:
     title: str
     figure: Figure
     caption: str = ""
+    empty: bool = False  # nothing measured to draw; ``caption`` says why
+
+    def render(self) -> tuple[bytes, bytes]:
+        """(PNG at 150 dpi, SVG); closes the figure."""
+        png, svg = io.BytesIO(), io.BytesIO()
+        self.figure.savefig(png, format="png", dpi=150, bbox_inches="tight")
+        self.figure.savefig(svg, format="svg", bbox_inches="tight")
+        plt.close(self.figure)
+        return png.getvalue(), svg.getvalue()
 
     def png(self) -> bytes:
-        buffer = io.BytesIO()
-        self.figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-        plt.close(self.figure)
-        return buffer.getvalue()
+        return self.render()[0]
 
 
 def colors(summary: Summary) -> dict[str, Any]:
@@ -73,6 +80,17 @@ def _empty(ax, text: str, width: int = 48) -> None:
     ax.set_yticks([])
 
 
+def _phase_boundaries(ax, rows: list[dict[str, Any]], x_field: str) -> None:
+    """A dotted line and the next phase's name where a run's curve moves to a new training phase."""
+    previous = None
+    for before, row in zip([None, *rows], rows):
+        phase = row.get("phase")
+        if previous is not None and phase != previous and before is not None and before.get(x_field) is not None:
+            ax.axvline(before[x_field], color="0.6", ls=":", lw=1)
+            ax.annotate(str(phase), (before[x_field], 0.02), xycoords=("data", "axes fraction"), fontsize=6, color="0.4", rotation=90)
+        previous = phase
+
+
 def _curve_panel(ax, groups: list[Group], palette: dict[str, Any], x_field: str) -> int:
     """Val accuracy (%) against ``x_field`` per seed; returns how many runs had any point."""
     drawn = 0
@@ -87,7 +105,12 @@ def _curve_panel(ax, groups: list[Group], palette: dict[str, Any], x_field: str)
             ]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, [y * 100 for y in ys], color=palette[g.key], lw=1.2, alpha=0.85, label=None if labelled else g.label)
+                # Short curves get markers: a one- or two-epoch curve is otherwise invisible.
+                marker = "o" if len(pts) <= 12 else None
+                ax.plot(xs, [y * 100 for y in ys], color=palette[g.key], lw=1.2, alpha=0.85, marker=marker, ms=3,
+                        label=None if labelled else g.label)
+                if not labelled:  # once per group: its seeds share the phase schedule
+                    _phase_boundaries(ax, rows, x_field)
                 labelled = True
                 drawn += 1
             if r.get("status") == "diverged":
@@ -121,10 +144,9 @@ def _pair_figure(summary: Summary, name: str, title: str, x_field: str, xlabel: 
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     caption = " ".join(sorted(set(notes)))
-    return Plot(name, title, fig, caption)
+    return Plot(name, title, fig, caption, empty=len(notes) == len(items))
 
 
 def training_curves(summary: Summary) -> Plot:
@@ -155,7 +177,7 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
 
 
 def pareto(summary: Summary) -> Plot:
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
     palette = colors(summary)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -180,6 +202,9 @@ def pareto(summary: Summary) -> Plot:
             legend.setdefault("Pareto front (higher accuracy at lower cost)", line)
         if points:
             ax.set_xscale("log")
+            # Labels at 1, 2 and 5 of every decade: a narrow range still gets several readable ticks.
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(EngFormatter(places=0, sep=""))
             ax.xaxis.set_minor_formatter(NullFormatter())
         else:
             _empty(ax, "no completed runs")
@@ -187,12 +212,11 @@ def pareto(summary: Summary) -> Plot:
         ax.set_ylabel("test accuracy (%)", fontsize=8)
         ax.grid(alpha=0.3, which="both")
         ax.tick_params(labelsize=7)
-    fig.suptitle("Accuracy versus cost (mean ± 95% CI over seeds)", fontsize=10)
     rows = math.ceil(len(legend) / 3) if legend else 0
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, min(0.45, 0.045 * rows + 0.02), 1, 1))
-    return Plot("pareto", "Accuracy versus cost", fig, " ".join(sorted(set(notes))))
+    return Plot("pareto", "Accuracy versus cost (mean ± 95% CI over seeds)", fig, " ".join(sorted(set(notes))), empty=not legend)
 
 
 def power_trace(summary: Summary) -> Plot:
@@ -223,9 +247,8 @@ def power_trace(summary: Summary) -> Plot:
         ax.set_ylabel("mean power per epoch (W)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    ax.set_title("Power trace (per-epoch energy / epoch training time)", fontsize=10)
     fig.tight_layout()
-    return Plot("power", "Power trace", fig, caption)
+    return Plot("power", "Power trace (per-epoch energy / epoch training time)", fig, caption, empty=drawn == 0)
 
 
 def all_plots(summary: Summary) -> list[Plot]:

@@ -19,6 +19,7 @@ from bpfree.errors import UserError
 from bpfree.report.aggregate import COST_METRICS, Delta, Group, Stat, Summary, declared_deviations, environments, summarize
 from bpfree.results import atomic_write_json, atomic_write_text, ensure_writable_dir, load_results
 
+TABLES_DIR = "tables"
 NOTES_FILE = "compare.json"  # optional notes left by `bpfree compare` (skipped pairs, failures)
 FIGURES_DIR = "figures"
 
@@ -274,7 +275,8 @@ def html_table(data: TableData) -> str:
         "<tr>" + "".join(f"<td>{html.escape(str(c)).replace(chr(10), '<br>')}</td>" for c in row) + "</tr>" for row in data.rows
     )
     caption = f"<p class='caption'>{html.escape(data.caption)}</p>" if data.caption else ""
-    return f"<h2>{html.escape(data.title)}</h2>\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{caption}\n"
+    csv_link = f" <a class='csv' href='{TABLES_DIR}/{table_slug(data)}.csv' download>CSV</a>"
+    return f"<h2>{html.escape(data.title)}{csv_link}</h2>\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{caption}\n"
 
 
 _CSS = """
@@ -283,7 +285,7 @@ h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid 
 table{border-collapse:collapse;font-size:0.82em;margin:0.5em 0}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
-.caption,.note{font-size:0.85em;color:#555}figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}
+.caption,.note{font-size:0.85em;color:#555}a.csv{font-size:0.7em;font-weight:normal;margin-left:0.5em}figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}
 """
 
 
@@ -294,6 +296,22 @@ def _header_lines(results_dir: Path, summary: Summary) -> list[str]:
         "Every number below is computed from the stored `result.json` files; rebuild with `bpfree report "
         f"{results_dir}`.",
     ]
+
+
+def table_slug(data: TableData) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in data.title.lower()).strip("-")
+    return "-".join(part for part in slug.split("-") if part) or "table"
+
+
+def write_table_csv(path: Path, data: TableData) -> None:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(data.columns)
+    writer.writerows(data.rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def render_markdown(title: str, header: list[str], notes: list[str], tables: list[TableData], figures: list[tuple[str, str, str]]) -> str:
@@ -324,8 +342,9 @@ def render_html(title: str, header: list[str], notes: list[str], tables: list[Ta
     for name, fig_title, png, caption in figures:
         data = base64.b64encode(png).decode("ascii")
         cap = f"<figcaption class='caption'>{html.escape(caption)}</figcaption>" if caption else ""
+        svg_link = f" <a class='csv' href='{FIGURES_DIR}/{html.escape(name)}.svg'>SVG</a>"
         body.append(
-            f"<figure id='fig-{html.escape(name)}'><h3>{html.escape(fig_title)}</h3>"
+            f"<figure id='fig-{html.escape(name)}'><h3>{html.escape(fig_title)}{svg_link}</h3>"
             f"<img alt='{html.escape(fig_title)}' src='data:image/png;base64,{data}'/>{cap}</figure>"
         )
     body += [html_table(t) for t in tables[2:]]
@@ -366,13 +385,23 @@ def write_report(results_dir: Path, out_dir: Path | None = None, title: str = "b
     fig_dir = out_dir / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     md_figs, html_figs, paths = [], [], []
+    left_out: dict[str, list[str]] = {}
     for plot in plots.all_plots(summary):
-        png = plot.png()
+        if plot.empty:  # no data to draw: left out, its reason stated once below
+            plots.plt.close(plot.figure)
+            left_out.setdefault(plot.caption or "no data", []).append(plot.title)
+            continue
+        png, svg = plot.render()
         path = fig_dir / f"{plot.name}.png"
         path.write_bytes(png)
+        (fig_dir / f"{plot.name}.svg").write_bytes(svg)
         paths.append(path)
         md_figs.append((f"{FIGURES_DIR}/{plot.name}.png", plot.title, plot.caption))
         html_figs.append((plot.name, plot.title, png, plot.caption))
+    for reason, titles in left_out.items():
+        all_notes.append(f"figures left out ({', '.join(titles)}): {reason}")
+    for table in tables:  # every table also as CSV, linked from report.html
+        write_table_csv(out_dir / TABLES_DIR / f"{table_slug(table)}.csv", table)
     header = _header_lines(results_dir, summary)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     atomic_write_text(md_path, render_markdown(title, header, all_notes, tables, md_figs))
