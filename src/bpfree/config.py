@@ -68,6 +68,10 @@ class RunConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     patience: StrictInt | None = Field(10, ge=1, description="early-stopping patience in epochs on validation accuracy; null disables")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
+    init: Literal["default", "prior"] = Field(
+        "default", description="weight init: PyTorch defaults, or the prior study's per-layer-type scheme (bpfree.models.init)"
+    )
+    flush_denormal: StrictBool = Field(True, description="flush subnormal floats to zero on CPU (steady epoch times; see README)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_root: Path | None = Field(None, description="directory holding torchvision datasets")
     download: StrictBool = Field(False, description="let torchvision download missing datasets")

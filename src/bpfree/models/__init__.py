@@ -57,9 +57,12 @@ def parse_model_spec(spec: str) -> tuple[ModelFamily, Any]:
         raise ValueError(f"model {spec!r}: {exc}; expected {family.forms}") from None
 
 
-def build_model(spec: str, data: DataSpec) -> nn.Module:
+def build_model(spec: str, data: DataSpec, init: str = "default", algorithm: str | None = None) -> nn.Module:
+    """Build the model of ``spec`` for ``data``, initialised by ``init`` for ``algorithm`` (bpfree.models.init)."""
+    from bpfree.models.init import apply_init
+
     family, args = parse_model_spec(spec)
-    return family.build(args, data)
+    return apply_init(family.build(args, data), init, algorithm)
 
 
 def model_names() -> list[str]:

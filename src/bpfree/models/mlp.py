@@ -11,7 +11,8 @@ from bpfree.models import register_model
 class MLP(nn.Module):
     """x (flattened) -> [Linear -> ReLU] * depth -> Linear head.
 
-    PyTorch's default initialisation (Kaiming-uniform, a=sqrt(5)) for every algorithm alike.
+    PyTorch's default initialisation (Kaiming-uniform, a=sqrt(5)) unless the run asks for another
+    scheme (``init``, applied by bpfree.models.build_model).
     """
 
     def __init__(self, input_dim: int, widths: list[int], num_classes: int) -> None:
