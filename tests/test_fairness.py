@@ -73,3 +73,46 @@ def test_prior_init_for_ff_uses_its_normal_scheme():
         layer = block[0]
         assert _rel(layer.weight.std().item(), 1 / math.sqrt(400)) < 0.05
         assert torch.count_nonzero(layer.bias) == 0
+
+
+# -- FLOPs of dense linear algebra ---------------------------------------------------------------
+from bpfree.meters.flops import FlopLedger, count_flops, count_flops_detailed, eigh_flops  # noqa: E402
+
+
+def _spd(n: int, batch: tuple[int, ...] = ()) -> torch.Tensor:
+    a = torch.randn(*batch, n, n, dtype=torch.float64)
+    return a @ a.transpose(-1, -2) + n * torch.eye(n, dtype=torch.float64)
+
+
+def test_flops_of_an_eigh_equal_the_golub_van_loan_count():
+    n = 40
+    assert count_flops(lambda: torch.linalg.eigh(_spd(n))) == 9 * n**3 + 2 * n**3  # eigh + the a @ a.T
+    a = _spd(n)
+    assert count_flops(lambda: torch.linalg.eigh(a)) == eigh_flops(n) == 9 * n**3
+    # eigenvalues only (eigvalsh itself asks for vectors while any dispatch mode is active)
+    assert count_flops(lambda: torch.ops.aten._linalg_eigh(a, "L", False)) == round(4 * n**3 / 3)
+    assert count_flops(lambda: torch.linalg.eigh(_spd(8, (3,)).clone())) >= 3 * 9 * 8**3
+
+
+def test_flops_of_cholesky_and_solves():
+    n, k = 30, 4
+    a, b = _spd(n), torch.randn(n, k, dtype=torch.float64)
+    low = torch.linalg.cholesky(a)
+    assert count_flops(lambda: torch.linalg.cholesky(a)) == round(n**3 / 3)
+    assert count_flops(lambda: torch.cholesky_solve(b, low)) == 2 * n * n * k
+    assert count_flops(lambda: torch.linalg.solve(a, b)) == round(2 * n**3 / 3) + 2 * n * n * k
+    assert count_flops(lambda: torch.linalg.solve_triangular(low, b, upper=False)) == n * n * k
+    assert count_flops(lambda: torch.linalg.inv(a)) == 2 * n**3
+
+
+def test_ops_without_a_formula_are_listed_not_silently_zero():
+    a, v = torch.randn(20, 20), torch.randn(20)
+    flops, uncounted = count_flops_detailed(lambda: (torch.mv(a, v), torch.linalg.qr(a), (a * 2).relu().sum()))
+    assert flops == 0
+    assert set(uncounted) == {"aten.mv", "aten.linalg_qr"}, uncounted
+    ledger = FlopLedger()
+    ledger.run("k", lambda: torch.mv(a, v))
+    ledger.run("k", lambda: torch.mv(a, v))  # repeated kinds are not re-instrumented
+    assert ledger.uncounted_ops == {"aten.mv": 1}
+    _, none = count_flops_detailed(lambda: torch.linalg.eigh(a @ a.T))
+    assert none == {}
