@@ -116,3 +116,83 @@ def test_ops_without_a_formula_are_listed_not_silently_zero():
     assert ledger.uncounted_ops == {"aten.mv": 1}
     _, none = count_flops_detailed(lambda: torch.linalg.eigh(a @ a.T))
     assert none == {}
+
+
+# -- budgets in passes over the data ---------------------------------------------------------------
+from bpfree.config import build_config  # noqa: E402
+from bpfree.protocol.budget import total_epochs, twin_epochs  # noqa: E402
+
+
+def test_total_epochs_sum_every_phase():
+    cafo = {"algorithm": "cafo", "model": "cnn3", "epochs": 4, "params": {"variant": "dfa", "dfa_epochs": 5}}
+    assert total_epochs(cafo) == 5 + 3 * 4
+    assert total_epochs({"algorithm": "mf", "model": "mlp:3x8", "epochs": 7, "params": {"schedule": "layerwise"}}) == 21
+    assert total_epochs({"algorithm": "mf", "model": "mlp:3x8", "epochs": 7}) == 7
+    assert total_epochs({"algorithm": "bp", "model": "mlp:3x8", "epochs": 7}) == 7
+    assert twin_epochs(cafo, "passes") == 17 and twin_epochs(cafo, "epochs") == 4
+
+
+def test_compare_gives_the_bp_twin_the_alternatives_passes(tmp_path):
+    import yaml
+
+    from bpfree.protocol.compare import build_set
+
+    alt = {"algorithm": "mf", "dataset": "mnist5k", "model": "mlp:2x8", "epochs": 3, "params": {"schedule": "layerwise"}}
+    (tmp_path / "mf.yaml").write_text(yaml.safe_dump(alt))
+    [twin] = build_set([tmp_path]).baselines
+    assert twin.values["algorithm"] == "bp" and twin.values["epochs"] == 6
+    [same] = build_set([tmp_path], budget="epochs").baselines
+    assert same.values["epochs"] == 3
+
+
+# -- report statistics -----------------------------------------------------------------------------
+from bpfree.report.aggregate import holm, paired_effect_size, summarize  # noqa: E402
+
+
+def _record(algorithm: str, seed: int, acc: float, run_id: str, model: str = "mlp:1x8") -> dict:
+    config = build_config({"algorithm": algorithm, "model": model, "seed": seed}).resolved()
+    return {"run_id": run_id, "algorithm": algorithm, "dataset": "mnist5k", "model": model, "seed": seed,
+            "status": "completed", "test_accuracy": acc, "train_time_s": 1.0 + seed, "config": config}
+
+
+def test_holm_adjustment_matches_the_step_down_rule():
+    # m = 3: 3 x 0.01, then max(0.03, 2 x 0.03), then max(0.06, 1 x 0.04)
+    assert holm([0.01, 0.04, None, 0.03]) == [pytest.approx(0.03), pytest.approx(0.06), None, pytest.approx(0.06)]
+    assert holm([0.5, 0.9]) == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+def test_paired_effect_size_is_cohens_dz():
+    diffs = [1.0, 2.0, 3.0]
+    d, low, high = paired_effect_size(diffs)
+    assert d == pytest.approx(2.0 / 1.0)
+    assert low < d < high
+    assert paired_effect_size([1.0]) == (None, None, None)
+
+
+def test_duplicate_seeds_are_counted_once_and_flagged():
+    runs = [_record("bp", s, 0.90 + 0.01 * s, f"bp{s}") for s in (0, 1, 2)]
+    runs += [_record("mf", 0, 0.80, "mf0a"), _record("mf", 0, 0.80, "mf0b"), _record("mf", 1, 0.82, "mf1")]
+    summary = summarize(runs)
+    mf = next(g for g in summary.groups if g.algorithm == "mf")
+    assert mf.duplicate_seeds == [0]
+    assert len(mf.completed) == 2 and mf.stat("test_accuracy").n == 2
+    delta = summary.deltas[mf.key]
+    assert delta.paired_n == 2
+    from bpfree.report.render import runs_cell
+
+    assert "DUPLICATE SEEDS 0" in runs_cell(mf)
+
+
+def test_bootstrap_ci_and_holm_in_the_summary():
+    runs = [_record("bp", s, 0.90 + 0.01 * s, f"bp{s}") for s in range(4)]
+    runs += [_record("mf", s, 0.85 + 0.02 * s + 0.003 * (s % 2), f"mf{s}") for s in range(4)]
+    runs += [_record("ff", s, 0.80 + 0.005 * s * s, f"ff{s}") for s in range(4)]
+    t = summarize(runs)
+    boot = summarize(runs, ci="bootstrap")
+    for key, delta in t.deltas.items():
+        other = boot.deltas[key]
+        assert other.ci_method == "bootstrap" and delta.ci_method == "t"
+        assert other.paired_low_pp <= other.paired_mean_pp <= other.paired_high_pp
+        assert delta.holm_p_value >= delta.p_value
+    ps = sorted(d.p_value for d in t.deltas.values())
+    assert sorted(d.holm_p_value for d in t.deltas.values())[0] == pytest.approx(min(1.0, 2 * ps[0]))

@@ -352,6 +352,7 @@ def compare(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="directory with torchvision datasets"),
     bp_config: Optional[Path] = typer.Option(None, "--bp-config", help="BP config whose optimizer/lr/weight_decay/momentum the derived BP twins use (e.g. a tuned one)"),
     set_: list[str] = typer.Option([], "--set", help="any field for every run as key=value"),
+    budget: str = typer.Option("passes", "--budget", help="derived BP twin's epoch cap: passes (the alternative's total over all its phases) or epochs (its per-phase epochs)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
 ) -> None:
@@ -379,6 +380,7 @@ def compare(
             on_plan=on_plan,
             on_done=on_done,
             threads=threads,
+            budget=budget,
         )
     print_report(outcome.report, fmt=fmt)
     console.print(f"compare took {time.perf_counter() - start:.0f} s")
@@ -466,11 +468,14 @@ def report(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="where report.md, report.html and figures/ go (default: results_dir)"),
     full: bool = typer.Option(False, "--full", help="also print the runs, environment and deviations tables"),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
+    ci: str = typer.Option("t", "--ci", help="CI of the paired accuracy difference: t (Student t) or bootstrap (percentile, scipy.stats.bootstrap)"),
 ) -> None:
     """Rebuild tables and plots from stored results alone."""
     from bpfree.report.render import write_report
 
-    print_report(write_report(results_dir, out_dir), full=full, fmt=fmt)
+    if ci not in ("t", "bootstrap"):
+        raise UserError(f"--ci {ci}: choose t or bootstrap")
+    print_report(write_report(results_dir, out_dir, ci=ci), full=full, fmt=fmt)
 
 
 @app.command()

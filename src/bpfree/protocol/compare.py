@@ -7,10 +7,13 @@ results by the same rule):
 
 - an explicit BP config in the set on the same dataset, model and device type (the one whose
   budget matches best), if there is one; otherwise
-- derived from the alternative: the same dataset, model, epochs, batch sizes, patience, seed,
+- derived from the alternative: the same dataset, model, batch sizes, patience, seed,
   validation split and device, with ``algorithm: bp``, no algorithm params, and BP's own
   optimiser settings (``optimizer``, ``lr``, ``weight_decay``, ``momentum``), taken from
   ``--bp-config`` (e.g. a file written by ``bpfree tune``) or else the RunConfig defaults.
+  Its epoch cap is the alternative's total over all its phases (``budget: passes``, the default:
+  CaFo greedy with 3 predictors x 10 epochs gives its twin 30), so both may pass over the training
+  data equally often; ``budget: epochs`` gives the twin the alternative's ``epochs`` unchanged.
 
 Twins equal in every field are one run (the config key decides), so two CaFo variants on the
 same network share one BP twin. Runs go through the suite machinery (resumable, one process per
@@ -26,6 +29,7 @@ from typing import Any
 
 from bpfree.config import RunConfig, apply_assignments, build_config, read_yaml_mapping
 from bpfree.errors import ConfigError, UserError
+from bpfree.protocol.budget import BUDGET_RULES
 from bpfree.protocol.suite import Plan, SuiteEntry, SuiteOutcome, Task, execute_plan, expand, make_plan
 from bpfree.protocol.twin import BP, RECIPE_FIELDS, choose_twin, config_identity, derive_twin
 
@@ -104,8 +108,11 @@ def build_set(
     assignments: Sequence[str] = (),
     bp_config: Path | None = None,
     common: dict[str, Any] | None = None,
+    budget: str = "passes",
 ) -> ComparisonSet:
     """Read the comparison configs, apply selections and overrides, and pair each with a BP twin."""
+    if budget not in BUDGET_RULES:
+        raise UserError(f"--budget {budget}: choose one of {', '.join(BUDGET_RULES)}")
     registered = _registered()
     recipe = bp_recipe(bp_config)
     unknown = sorted(set(algorithms) - set(registered))
@@ -154,7 +161,7 @@ def build_set(
             if chosen is not None:
                 source, twin = chosen[0], chosen[1]
             else:
-                twin, source = derive_twin({**alt, "model": alt_cfg.model}, recipe), f"BP twin of {path.name}"
+                twin, source = derive_twin({**alt, "model": alt_cfg.model}, recipe, budget), f"BP twin of {path.name}"
                 _validate(twin, source)
             bp_entries.append(SuiteEntry(source, twin))
     return ComparisonSet(alt_entries, bp_entries, notes)
@@ -205,13 +212,14 @@ def compare(
     on_plan: Callable[[Plan], None] | None = None,
     on_done: Callable[[Task, dict[str, Any]], None] | None = None,
     threads: int | None = None,
+    budget: str = "passes",
 ) -> CompareOutcome:
     from bpfree.report.render import write_notes, write_report
 
     if jobs == 0:
         jobs = auto_jobs()
     paths = list(configs) if configs else [default_configs_dir()]
-    cset = build_set(paths, datasets, algorithms, epochs, assignments, bp_config, common)
+    cset = build_set(paths, datasets, algorithms, epochs, assignments, bp_config, common, budget)
     run_configs = expand(cset.entries, list(seeds), Path(output))
     plan = make_plan(run_configs, Path(output))
     if on_plan is not None:
@@ -220,6 +228,6 @@ def compare(
     notes = list(cset.notes)
     for task, outcome in suite.failed:
         notes.append(f"run failed: {task.label} ({task.run_dir.name}): {outcome.get('error')}")
-    write_notes(Path(output), notes, {"configs": [str(p) for p in paths], "seeds": list(seeds)})
+    write_notes(Path(output), notes, {"configs": [str(p) for p in paths], "seeds": list(seeds), "budget": budget})
     report = write_report(Path(output), notes=notes)
     return CompareOutcome(plan, suite, notes, report)

@@ -6,6 +6,11 @@ groups with it. A BP configuration is a twin of an alternative when it trains th
 budget (:data:`BUDGET_FIELDS`) matches the most is the twin. A *derived* twin copies the
 alternative's whole budget and takes BP's own optimiser settings (:data:`RECIPE_FIELDS`), so it
 matches every budget field.
+
+Epochs are budgeted in passes over the training data (``budget: passes``, the default): the twin's
+``epochs`` is the alternative's total over all its phases (CaFo greedy on 3 blocks with 10 epochs
+each: 30), see :mod:`bpfree.protocol.budget`; a BP group with that many epochs matches the
+alternative's epoch budget. ``budget: epochs`` copies the alternative's per-phase ``epochs``.
 """
 
 from __future__ import annotations
@@ -30,19 +35,26 @@ def config_identity(cfg: RunConfig, device_type: str | None = None) -> dict[str,
     return identity(cfg.resolved(), device_type or resolved_device_type(cfg.device))
 
 
-def derive_twin(alternative: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
-    """The BP twin of an alternative's config mapping: its network, data and budget, BP's recipe."""
+def derive_twin(alternative: dict[str, Any], recipe: dict[str, Any], budget: str = "passes") -> dict[str, Any]:
+    """The BP twin of an alternative's config mapping: its network, data and budget, BP's recipe.
+
+    ``budget``: "passes" gives the twin the alternative's total epochs over all phases; "epochs" its ``epochs``.
+    """
+    from bpfree.protocol.budget import twin_epochs
+
     twin = {k: v for k, v in alternative.items() if k not in ("params", "name", *RECIPE_FIELDS)}
     twin.update(algorithm=BP, params={}, **recipe)
+    twin["epochs"] = twin_epochs(alternative, budget)
     return twin
 
 
-def bp_twin(cfg: RunConfig, recipe: dict[str, Any] | None = None) -> RunConfig:
+def bp_twin(cfg: RunConfig, recipe: dict[str, Any] | None = None, budget: str = "passes") -> RunConfig:
     """The derived BP twin of a validated config (``recipe``: BP's optimiser settings, default the RunConfig defaults)."""
     from bpfree.config import build_config
 
     defaults = {name: RunConfig.model_fields[name].default for name in RECIPE_FIELDS}
-    return build_config(derive_twin(cfg.model_dump(mode="json"), {**defaults, **(recipe or {})}), source=f"BP twin of {cfg.algorithm}")
+    twin = derive_twin(cfg.model_dump(mode="json"), {**defaults, **(recipe or {})}, budget)
+    return build_config(twin, source=f"BP twin of {cfg.algorithm}")
 
 
 def twin_key(config: dict[str, Any]) -> str:
@@ -55,7 +67,21 @@ def twin_score(alternative: dict[str, Any], candidate: dict[str, Any]) -> int | 
     """How well ``candidate`` (an identity mapping) serves as ``alternative``'s twin; None: it is no twin."""
     if candidate.get("algorithm") != BP or twin_key(candidate) != twin_key(alternative):
         return None
-    return sum(candidate.get(f) == alternative.get(f) for f in BUDGET_FIELDS)
+    score = sum(candidate.get(f) == alternative.get(f) for f in BUDGET_FIELDS)
+    if candidate.get("epochs") != alternative.get("epochs") and candidate.get("epochs") == passes(alternative):
+        score += 1  # the alternative's epoch budget in passes over the data
+    return score
+
+
+def passes(config: dict[str, Any]) -> int | None:
+    """The most passes over the training data an (identity) config mapping allows; None if unknown here."""
+    from bpfree.protocol.budget import total_epochs
+
+    fields = set(RunConfig.model_fields)
+    try:
+        return total_epochs({k: v for k, v in config.items() if k in fields and k != "device"})
+    except Exception:  # written by another version, or an algorithm not registered here
+        return None
 
 
 def choose_twin(

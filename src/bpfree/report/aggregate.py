@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bpfree.config import identity
@@ -91,7 +91,22 @@ class Group:
 
     @property
     def completed(self) -> list[dict[str, Any]]:
-        return [r for r in self.runs if r.get("status") == "completed"]
+        """Completed runs, one per seed: a repeated seed is no independent replicate (see duplicate_seeds)."""
+        seen: set[Any] = set()
+        unique = []
+        for r in self.runs:
+            if r.get("status") == "completed" and r.get("seed") not in seen:
+                seen.add(r.get("seed"))
+                unique.append(r)
+        return unique
+
+    @property
+    def duplicate_seeds(self) -> list[int]:
+        """Seeds with more than one run in the group; only the first run of each counts in statistics."""
+        counts: dict[Any, int] = {}
+        for r in self.runs:
+            counts[r.get("seed")] = counts.get(r.get("seed"), 0) + 1
+        return sorted(seed for seed, n in counts.items() if n > 1)
 
     @property
     def diverged(self) -> list[dict[str, Any]]:
@@ -201,6 +216,13 @@ def find_twin(group: Group, groups: Sequence[Group]) -> Group | None:
     return choose_twin(group.config, [g for g in groups if g.is_baseline], lambda g: g.config, tiebreak)
 
 
+def epoch_budget(group: Group) -> int | None:
+    """The group's cap on passes over the training data: the sum of its phases' epochs."""
+    from bpfree.protocol.twin import passes
+
+    return passes(group.config)
+
+
 def find_pairs(groups: Sequence[Group]) -> list[Pair]:
     return [Pair(g, find_twin(g, groups)) for g in groups if not g.is_baseline]
 
@@ -217,6 +239,13 @@ class Delta:
     paired_half_width_pp: float | None
     p_value: float | None  # paired t-test on test accuracy; None when n < 2 or undefined
     p_note: str  # why p is missing, or ""
+    effect_dz: float | None = None  # paired Cohen's d_z: mean difference / sd of the differences
+    effect_dz_low: float | None = None  # its approximate 95% CI (see paired_effect_size)
+    effect_dz_high: float | None = None
+    ci_method: str = "t"  # how the paired mean difference's CI was formed: t or bootstrap
+    paired_low_pp: float | None = None
+    paired_high_pp: float | None = None
+    holm_p_value: float | None = None  # p adjusted by Holm across the alternatives of one comparison
 
 
 def _relative(alt: float | None, base: float | None) -> float | None:
@@ -237,7 +266,50 @@ def _paired_test(a: list[float], b: list[float]) -> tuple[float | None, str]:
     return (p, "") if math.isfinite(p) else (None, "n/a")
 
 
-def compare_pair(pair: Pair) -> Delta | None:
+def paired_effect_size(diffs: Sequence[float], confidence: float = 0.95) -> tuple[float | None, float | None, float | None]:
+    """Cohen's d_z of paired differences, with the normal-approximation CI d ± z·sqrt(1/n + d²/(2n)).
+
+    (The large-sample standard error of a standardised mean; with n = 3 it is rough, and the report
+    says so by printing n beside it.) None when n < 2 or the differences do not vary.
+    """
+    from scipy import stats
+
+    n = len(diffs)
+    if n < 2:
+        return None, None, None
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if sd == 0:
+        return None, None, None
+    d = mean / sd
+    half = float(stats.norm.ppf((1 + confidence) / 2)) * math.sqrt(1 / n + d * d / (2 * n))
+    return d, d - half, d + half
+
+
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 9999, seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile bootstrap CI of the mean (scipy.stats.bootstrap), reproducible by ``seed``."""
+    from scipy import stats
+
+    if len(values) < 2 or len(set(values)) < 2:
+        return None, None
+    res = stats.bootstrap((list(values),), lambda x, axis: x.mean(axis=axis), confidence_level=confidence,
+                          n_resamples=resamples, method="percentile", random_state=seed)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values (None entries stay None and do not count in the family)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m = len(order)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def compare_pair(pair: Pair, ci: str = "t") -> Delta | None:
     alt, bp = pair.alternative, pair.baseline
     if bp is None:
         return None
@@ -249,9 +321,13 @@ def compare_pair(pair: Pair) -> Delta | None:
     seeds = tuple(sorted(set(by_seed_alt) & set(by_seed_bp)))
     a = [by_seed_alt[s]["test_accuracy"] for s in seeds]
     b = [by_seed_bp[s]["test_accuracy"] for s in seeds]
-    diffs = t_interval((x - y) * 100.0 for x, y in zip(a, b))
+    pp = [(x - y) * 100.0 for x, y in zip(a, b)]
+    diffs = t_interval(pp)
     p, note = _paired_test(a, b)
-    return Delta(accuracy_pp, relative, len(seeds), seeds, diffs.mean, diffs.half_width, p, note)
+    dz, dz_low, dz_high = paired_effect_size(pp)
+    low, high = (diffs.low, diffs.high) if ci == "t" else bootstrap_interval(pp)
+    return Delta(accuracy_pp, relative, len(seeds), seeds, diffs.mean, diffs.half_width, p, note,
+                 dz, dz_low, dz_high, ci, low, high)
 
 
 @dataclass
@@ -262,10 +338,23 @@ class Summary:
     results: list[dict[str, Any]]
 
 
-def summarize(results: Sequence[dict[str, Any]]) -> Summary:
+CI_METHODS = ("t", "bootstrap")
+
+
+def summarize(results: Sequence[dict[str, Any]], ci: str = "t") -> Summary:
+    """Groups, pairs and deltas; p-values Holm-adjusted across every alternative of the comparison.
+
+    ``ci``: "t" (Student t) or "bootstrap" (percentile bootstrap) for the paired mean difference.
+    """
+    if ci not in CI_METHODS:
+        raise ValueError(f"unknown CI method {ci!r}; choose one of {', '.join(CI_METHODS)}")
     groups = group_results(results)
     pairs = find_pairs(groups)
-    return Summary(groups, pairs, {p.alternative.key: compare_pair(p) for p in pairs}, list(results))
+    deltas = {p.alternative.key: compare_pair(p, ci) for p in pairs}
+    keys = [k for k, d in deltas.items() if d is not None]
+    for key, adjusted in zip(keys, holm([deltas[k].p_value for k in keys])):
+        deltas[key] = replace(deltas[key], holm_p_value=adjusted)
+    return Summary(groups, pairs, deltas, list(results))
 
 
 def environments(results: Sequence[dict[str, Any]]) -> list[tuple[str, list[tuple[str, int]]]]:

@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.errors import UserError
-from bpfree.report.aggregate import COST_METRICS, Delta, Group, Stat, Summary, declared_deviations, environments, summarize
+from bpfree.report.aggregate import (
+    COST_METRICS,
+    Delta,
+    Group,
+    Stat,
+    Summary,
+    declared_deviations,
+    environments,
+    epoch_budget,
+    summarize,
+)
 from bpfree.results import atomic_write_json, atomic_write_text, ensure_writable_dir, load_results
 
 TABLES_DIR = "tables"
@@ -84,7 +94,10 @@ def runs_cell(g: Group) -> str:
     parts = [f"{len(g.completed)} ok"]
     if g.diverged:
         parts.append(f"{len(g.diverged)} diverged")
-    other = len(g.runs) - len(g.completed) - len(g.diverged)
+    repeats = sum(1 for r in g.runs if r.get("status") == "completed") - len(g.completed)
+    if g.duplicate_seeds:  # a repeated seed is no independent replicate: counted once
+        parts.append(f"DUPLICATE SEEDS {', '.join(map(str, g.duplicate_seeds))}: {repeats} repeat(s) not counted")
+    other = len(g.runs) - len(g.completed) - repeats - len(g.diverged)
     if other:
         parts.append(f"{other} other")
     return f"{len(g.runs)} ({', '.join(parts)})"
@@ -151,17 +164,28 @@ def results_table(summary: Summary) -> TableData:
 
 
 def delta_table(summary: Summary) -> TableData:
-    columns = ["alternative", "BP twin", "Δ test acc (pp)", "paired Δ (pp, 95% CI)", "p (paired t)", "Δ time", "Δ energy", "Δ peak mem", "Δ train FLOPs"]
+    columns = [
+        "alternative", "BP twin", "epoch budget (alt / BP)", "Δ test acc (pp)", "paired Δ (pp, 95% CI)", "p (paired t)",
+        "p (Holm)", "effect d_z (95% CI)", "Δ time", "Δ energy", "Δ peak mem", "Δ train FLOPs",
+    ]
     rows = []
+    ci_methods = set()
     for pair in summary.pairs:
         delta: Delta | None = summary.deltas.get(pair.alternative.key)
         if pair.baseline is None or delta is None:
-            rows.append([pair.alternative.label, "none found", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"])
+            rows.append([pair.alternative.label, "none found", budget_cell(pair.alternative, None)] + ["n/a"] * (len(columns) - 3))
             continue
+        ci_methods.add(delta.ci_method)
         paired = "n/a (no shared seeds)"
         if delta.paired_n:
-            half = "n/a" if delta.paired_half_width_pp is None else f"{delta.paired_half_width_pp:.2f}"
-            paired = f"{delta.paired_mean_pp:+.2f} ± {half} (n={delta.paired_n})"
+            if delta.paired_low_pp is None or delta.paired_high_pp is None:
+                interval = "n/a"
+            else:
+                interval = f"[{delta.paired_low_pp:+.2f}, {delta.paired_high_pp:+.2f}]"
+            paired = f"{delta.paired_mean_pp:+.2f} {interval} (n={delta.paired_n})"
+        effect = "n/a"
+        if delta.effect_dz is not None:
+            effect = f"{delta.effect_dz:+.2f} [{delta.effect_dz_low:+.2f}, {delta.effect_dz_high:+.2f}]"
         rel = {m: delta.relative_pct.get(m) for m in COST_METRICS}
         energy = fmt_signed(rel["energy_j"], 1, "%")
         if rel["energy_j"] is None:
@@ -170,22 +194,37 @@ def delta_table(summary: Summary) -> TableData:
             [
                 pair.alternative.label,
                 pair.baseline.label,
+                budget_cell(pair.alternative, pair.baseline),
                 fmt_signed(delta.accuracy_pp),
                 paired,
                 fmt_p(delta.p_value, delta.p_note),
+                fmt_p(delta.holm_p_value, delta.p_note),
+                effect,
                 fmt_signed(rel["train_time_s"], 1, "%"),
                 energy,
                 fmt_signed(rel["peak_memory_bytes"], 1, "%"),
                 fmt_signed(rel["train_flops"], 1, "%"),
             ]
         )
+    how = " and ".join(sorted({"t": "Student t", "bootstrap": "percentile bootstrap"}[m] for m in ci_methods)) or "Student t"
     caption = (
-        "Each alternative against its BP twin (same dataset and model, closest budget). Δ test acc: difference of "
-        "means in percentage points; paired Δ: mean per-seed difference over seeds completed in both groups with its "
-        "95% CI; p: two-sided paired t-test on test accuracy across those seeds (n/a with fewer than 2). Cost deltas "
+        "Each alternative against its BP twin (same dataset and model, closest budget). Epoch budget: the most passes "
+        "over the training data each may make (all phases summed). Δ test acc: difference of "
+        f"means in percentage points; paired Δ: mean per-seed difference over seeds completed in both groups with its "
+        f"95% CI ({how}); p: two-sided paired t-test on test accuracy across those seeds (n/a with fewer than 2); "
+        "p (Holm): adjusted by Holm's step-down method across every alternative in this report; d_z: paired Cohen's "
+        "d_z (mean difference / SD of differences) with a normal-approximation 95% CI. Cost deltas "
         "are relative to the BP mean: (alternative / BP − 1) × 100."
     )
     return TableData("Against the BP twin", columns, rows, caption)
+
+
+def budget_cell(alternative: Group, baseline: Group | None) -> str:
+    def text(g: Group | None) -> str:
+        value = None if g is None else epoch_budget(g)
+        return "?" if value is None else str(value)
+
+    return f"{text(alternative)} / {text(baseline)}" if baseline is not None else f"{text(alternative)} / —"
 
 
 def runs_table(summary: Summary) -> TableData:
@@ -368,7 +407,13 @@ def write_notes(results_dir: Path, notes: list[str], extra: dict[str, Any] | Non
     atomic_write_json(Path(results_dir) / NOTES_FILE, {"notes": list(notes), **(extra or {})})
 
 
-def write_report(results_dir: Path, out_dir: Path | None = None, title: str = "bpfree comparison report", notes: Sequence[str] | None = None) -> Report:
+def write_report(
+    results_dir: Path,
+    out_dir: Path | None = None,
+    title: str = "bpfree comparison report",
+    notes: Sequence[str] | None = None,
+    ci: str = "t",
+) -> Report:
     """Aggregate ``results_dir/*/result.json`` and write report.md, report.html and figures/*.png."""
     from bpfree.report import plots
 
@@ -380,7 +425,12 @@ def write_report(results_dir: Path, out_dir: Path | None = None, title: str = "b
         raise UserError(f"results directory {results_dir}: no result.json files (run `bpfree compare` or `bpfree suite` first)")
     out_dir = ensure_writable_dir(out_dir or results_dir)
     all_notes = list(notes) if notes is not None else read_notes(results_dir)
-    summary = summarize(results)
+    summary = summarize(results, ci=ci)
+    duplicated = [g.label for g in summary.groups if g.duplicate_seeds]
+    if duplicated:
+        all_notes.append(
+            "duplicate seeds (repeats not counted as independent replicates): " + "; ".join(duplicated)
+        )
     tables = build_tables(summary)
     fig_dir = out_dir / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
