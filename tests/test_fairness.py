@@ -196,3 +196,37 @@ def test_bootstrap_ci_and_holm_in_the_summary():
         assert delta.holm_p_value >= delta.p_value
     ps = sorted(d.p_value for d in t.deltas.values())
     assert sorted(d.holm_p_value for d in t.deltas.values())[0] == pytest.approx(min(1.0, 2 * ps[0]))
+
+
+# -- timing you can trust --------------------------------------------------------------------------
+def test_cpu_clock_flags_a_process_that_waited_for_its_cores(one_thread):
+    import time
+
+    from bpfree.meters.cpu import CpuClock, CpuReading
+    from bpfree.report.render import run_note
+    from bpfree.runner import cpu_timing
+
+    clock = CpuClock(threads=1)
+    clock.begin()
+    time.sleep(0.2)  # wall time passes, no CPU time is used: as if the cores were taken
+    idle = clock.end()
+    assert idle.cpu_share < 0.5 and idle.contended
+    busy = CpuReading(wall_s=1.0, cpu_s=0.95, threads=1, load_average=1.0)
+    assert not busy.contended
+    record = cpu_timing(idle, flushing=True, on_cpu=True)
+    assert record["contended"] and record["flush_denormal"] is True
+    assert "CONTENDED" in run_note(record)
+    assert not cpu_timing(idle, flushing=True, on_cpu=False)["contended"]  # GPU runs wait on the device
+
+
+def test_flush_denormal_switch_flushes_subnormals():
+    from bpfree.meters.cpu import apply_flush_denormal
+
+    try:
+        if not apply_flush_denormal(True):
+            pytest.skip("this CPU cannot flush subnormals")
+        assert torch.tensor([1e-40], dtype=torch.float32).item() == 0.0
+        assert apply_flush_denormal(False) is False
+        assert torch.tensor([1e-40], dtype=torch.float32).item() != 0.0
+    finally:
+        torch.set_flush_denormal(False)

@@ -227,6 +227,14 @@ def budget_cell(alternative: Group, baseline: Group | None) -> str:
     return f"{text(alternative)} / {text(baseline)}" if baseline is not None else f"{text(alternative)} / —"
 
 
+def run_note(r: dict[str, Any]) -> str:
+    parts = [r.get("reason") or ("resumed from checkpoint" if r.get("resumed") else "")]
+    if r.get("contended"):  # the run waited for its cores: its wall time reflects the machine's load
+        share = r.get("cpu_share")
+        parts.append(f"CONTENDED (CPU share {share:.2f}, load {r.get('load_average_end') or 0:.1f})" if share is not None else "CONTENDED")
+    return "; ".join(p for p in parts if p)
+
+
 def runs_table(summary: Summary) -> TableData:
     columns = ["run", "configuration", "seed", "status", "test acc (%)", "best val (%)", "epochs", "train time (s)", "energy (J)", "note"]
     rows = []
@@ -246,7 +254,7 @@ def runs_table(summary: Summary) -> TableData:
                     str(r.get("epochs_run")),
                     f"{r.get('train_time_s', 0.0):.1f}",
                     "null" if energy is None else f"{energy:.1f}",
-                    r.get("reason") or ("resumed from checkpoint" if r.get("resumed") else ""),
+                    run_note(r),
                 ]
             )
     return TableData("Runs", columns, rows, "Every stored run, diverged ones included.")
