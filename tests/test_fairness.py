@@ -203,8 +203,8 @@ def test_cpu_clock_flags_a_process_that_waited_for_its_cores(one_thread):
     import time
 
     from bpfree.meters.cpu import CpuClock, CpuReading
+    from bpfree.record import training_cpu_share
     from bpfree.report.render import run_note
-    from bpfree.runner import cpu_timing
 
     clock = CpuClock(threads=1)
     clock.begin()
@@ -213,10 +213,10 @@ def test_cpu_clock_flags_a_process_that_waited_for_its_cores(one_thread):
     assert idle.cpu_share < 0.5 and idle.contended
     busy = CpuReading(wall_s=1.0, cpu_s=0.95, threads=1, load_average=1.0)
     assert not busy.contended
-    record = cpu_timing(idle, flushing=True, on_cpu=True)
-    assert record["contended"] and record["flush_denormal"] is True
+    record = training_cpu_share(idle.wall_s, idle.cpu_s, 1, "cpu")
+    assert record["contended"] and record["cpu_share"] < 0.5
     assert "CONTENDED" in run_note(record)
-    assert not cpu_timing(idle, flushing=True, on_cpu=False)["contended"]  # GPU runs wait on the device
+    assert not training_cpu_share(idle.wall_s, idle.cpu_s, 1, "cuda")["contended"]  # GPU runs wait on the device
 
 
 def test_flush_denormal_switch_flushes_subnormals():
@@ -230,3 +230,20 @@ def test_flush_denormal_switch_flushes_subnormals():
         assert torch.tensor([1e-40], dtype=torch.float32).item() != 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_a_run_records_init_flushing_cpu_time_and_uncounted_ops(one_thread):
+    from bpfree.engine import Engine
+
+    cfg = build_config({"algorithm": "bp", "dataset": "mnist5k", "model": "mlp:1x16", "epochs": 1, "init": "prior",
+                        "checkpoint": False, "device": "cpu"})
+    engine = Engine(cfg)
+    head = engine.model.head.weight
+    assert _rel(head.std().item(), 0.01) < 0.3  # built with the prior study's init
+    r = engine.run()
+    assert r["config"]["init"] == "prior" and r["config"]["flush_denormal"] is True
+    assert isinstance(r["flush_denormal"], bool)
+    assert r["uncounted_ops"] == {}  # BP on an MLP: every heavy op has a formula
+    assert r["train_cpu_time_s"] > 0 and r["cpu_share"] is not None and isinstance(r["contended"], bool)
+    row = r["curves"][0]
+    assert row["epoch_cpu_time_s"] > 0 and "load_average" in row

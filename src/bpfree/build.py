@@ -17,6 +17,7 @@ from bpfree.algorithms.base import Algorithm, TrainSettings
 from bpfree.config import RunConfig
 from bpfree.data import Splits, load_dataset
 from bpfree.errors import UserError
+from bpfree.meters.cpu import apply_flush_denormal
 from bpfree.models import build_model
 
 
@@ -51,6 +52,7 @@ class RunParts:
     data_generator: torch.Generator
     algorithm_generator: torch.Generator
     autocast: contextlib.AbstractContextManager
+    flush_denormal: bool = False  # whether subnormals are flushed to zero (CPU), as configured and supported
 
     @property
     def model(self) -> torch.nn.Module:
@@ -61,10 +63,11 @@ def build_run(cfg: RunConfig) -> RunParts:
     device = resolve_device(cfg.device)
     seeds = derived_seeds(cfg.seed)
     algorithm_cls = get_algorithm(cfg.algorithm)  # RunConfig has judged the algorithm x model pair
+    flush_denormal = apply_flush_denormal(cfg.flush_denormal)
     seed_everything(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.val_fraction).to(device)
     torch.manual_seed(seeds["model_init"])
-    model = build_model(cfg.model, data.spec).to(device)
+    model = build_model(cfg.model, data.spec, cfg.init, cfg.algorithm).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
         data = data.with_images(lambda x: x.contiguous(memory_format=torch.channels_last))
@@ -79,4 +82,4 @@ def build_run(cfg: RunConfig) -> RunParts:
     # run's device; parameters keep their identity, so optimisers built in __init__ still hold them.
     algorithm.modules().to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    return RunParts(cfg, device, seeds, data, algorithm, data_generator, algorithm_generator, autocast)
+    return RunParts(cfg, device, seeds, data, algorithm, data_generator, algorithm_generator, autocast, flush_denormal)

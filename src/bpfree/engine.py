@@ -60,6 +60,8 @@ class Progress:
     phase_train_time_s: float = 0.0  # the current phase's, kept across a resume
     phase_peak_memory_bytes: int | None = None
     phase_reference_loss: float | None = None  # the phase's first-step loss, for the divergence rule
+    train_cpu_time_s: float = 0.0  # process CPU time inside the training windows
+    uncounted_ops: dict[str, int] = field(default_factory=dict)  # heavy ops met without a FLOP formula
     curves: list[dict[str, Any]] = field(default_factory=list)
     phases: list[dict[str, Any]] = field(default_factory=list)
     status: str = "running"
@@ -196,8 +198,10 @@ class Engine:
     def run(self) -> dict[str, Any]:
         resumed = self._load_checkpoint()
         st = self.state
-        train_flops = FlopLedger(st.train_flops, st.flops_per_step)
-        eval_flops = FlopLedger(st.eval_flops)
+        train_flops = FlopLedger(st.train_flops, st.flops_per_step, st.uncounted_ops)
+        eval_flops = FlopLedger(st.eval_flops, uncounted_ops=st.uncounted_ops)
+        # one dict for both ledgers: every heavy operator met without a formula, saved with the progress
+        eval_flops.uncounted_ops = train_flops.uncounted_ops = st.uncounted_ops
         phases = self.algorithm.schedule()
         total_epochs = sum(p.epochs for p in phases)
 
@@ -296,6 +300,7 @@ class Engine:
     def _account_training(self, outcome: EpochOutcome) -> None:
         st = self.state
         st.train_time_s += outcome.seconds
+        st.train_cpu_time_s += outcome.cpu_seconds
         st.phase_train_time_s += outcome.seconds
         st.probe_time_s += outcome.probe_s
         st.energy_j = _add(st.energy_j, outcome.joules)
@@ -320,6 +325,8 @@ class Engine:
             "train_loss": outcome.loss if math.isfinite(outcome.loss) else None,
             "val_accuracy": val_accuracy,
             "epoch_time_s": outcome.seconds,
+            "epoch_cpu_time_s": outcome.cpu_seconds,
+            "load_average": outcome.load_average,
             "eval_time_s": eval_s,
             "energy_j": outcome.joules,
             "cumulative_train_time_s": st.train_time_s,

@@ -21,6 +21,8 @@ from bpfree.algorithms.base import Algorithm, EpochClock
 from bpfree.capture import CapturedStep
 from bpfree.data import Splits, eval_batches, num_batches, train_batches
 from bpfree.meters.energy import EnergyMeter, add_components
+from bpfree.meters.cpu import load_average
+from bpfree.meters.energy import EnergyMeter
 from bpfree.meters.flops import FlopLedger, run_counted
 from bpfree.meters.memory import MemoryMeter
 from bpfree.meters.timer import synchronize
@@ -40,6 +42,7 @@ class MeasuredWindow:
         self.energy = energy
         self.memory = memory
         self.seconds = 0.0
+        self.cpu_seconds = 0.0  # this process's CPU time inside the window (contention: << seconds x threads)
         self.excluded_s = 0.0
         self.joules: float | None = 0.0 if energy is not None and energy.available else None
         self.reason: str | None = None if energy is not None and energy.available else (
@@ -65,11 +68,13 @@ class MeasuredWindow:
             self.energy.begin()
         synchronize(self.device)
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
 
     def _close(self) -> None:
         synchronize(self.device)
         assert self._start is not None, "window closed before it was opened"
         self.seconds += time.perf_counter() - self._start
+        self.cpu_seconds += time.process_time() - self._cpu_start
         self._start = None
         if self.energy is not None:
             reading = self.energy.end()
@@ -106,6 +111,8 @@ class EpochOutcome:
     peak_memory_bytes: int | None
     closing: dict[str, float] = field(default_factory=dict)  # what end_epoch reported, as floats
     energy_components: dict[str, float | None] | None = None
+    cpu_seconds: float = 0.0  # process CPU time inside the window
+    load_average: float | None = None  # the machine's 1-minute load average at the epoch's end
 
 
 def epoch_clock(algorithm_phase, epoch: int, epochs_run: int, n_train: int, batch_size: int) -> EpochClock:
@@ -164,7 +171,7 @@ def train_epoch(
                 on_step(steps, clock.steps)
         with autocast:
             if flops is not None:
-                closing, closing_flops = run_counted(algorithm.end_epoch)
+                closing, closing_flops = run_counted(algorithm.end_epoch, flops.uncounted_ops)
                 if closing_flops:
                     flops.add_counted((clock.phase.name, "end_epoch"), closing_flops)
             else:
@@ -182,6 +189,8 @@ def train_epoch(
         peak_memory_bytes=window.peak_memory_bytes,
         closing=values,
         energy_components=window.components if window.joules is not None else None,
+        cpu_seconds=window.cpu_seconds,
+        load_average=load_average(),
     )
 
 
@@ -231,11 +240,11 @@ def evaluate(
     )
 
 
-def inference_flops_per_sample(algorithm: Algorithm, sample: torch.Tensor) -> float:
+def inference_flops_per_sample(algorithm: Algorithm, sample: torch.Tensor, uncounted: dict[str, int] | None = None) -> float:
     """FLOPs of the final inference rule per sample, counted on a small batch."""
     algorithm.eval_mode()
     with torch.no_grad():
-        _, total = run_counted(lambda: algorithm.predict(sample))
+        _, total = run_counted(lambda: algorithm.predict(sample), uncounted)
     return total / max(1, sample.shape[0])
 
 

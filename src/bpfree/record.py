@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bpfree.loop import inference_flops_per_sample
+from bpfree.meters.cpu import CpuReading, load_average
 from bpfree.meters.environment import allocated_cpus, environment
 from bpfree.meters.flops import FlopLedger
 from bpfree.results import SCHEMA_VERSION
@@ -28,7 +29,7 @@ def result_record(
     inference_flops = None
     if st.status == "completed":
         sample = data.test_x[: min(64, data.test_x.shape[0])]
-        inference_flops = inference_flops_per_sample(algorithm, sample)
+        inference_flops = inference_flops_per_sample(algorithm, sample, st.uncounted_ops)
     peaks = [p["peak_memory_bytes"] for p in st.phases if p.get("peak_memory_bytes") is not None]
     if st.status == "diverged" and st.phase_peak_memory_bytes is not None:
         peaks.append(st.phase_peak_memory_bytes)
@@ -62,6 +63,8 @@ def result_record(
         "flops_per_step": train_flops.per_kind,
         "inference_flops_per_sample": inference_flops,
         "flops_method": FLOPS_METHOD,
+        # compute-heavy operators met without a FLOP formula (calls in the instrumented steps): not in the totals
+        "uncounted_ops": dict(sorted(st.uncounted_ops.items())),
         "peak_memory_bytes": max(peaks) if peaks else None,
         "memory_method": engine.memory.method,
         "energy_j": energy_j,
@@ -91,4 +94,18 @@ def result_record(
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "environment": environment(engine.device),
         "torch_threads": torch.get_num_threads(),
+        "flush_denormal": engine.parts.flush_denormal,
+        **training_cpu_share(st.train_time_s, st.train_cpu_time_s, torch.get_num_threads(), engine.device.type),
+    }
+
+
+def training_cpu_share(wall_s: float, cpu_s: float, threads: int, device_type: str) -> dict[str, Any]:
+    """Training's process CPU time and CPU share; a CPU run that waited for its cores is ``contended``."""
+    reading = CpuReading(wall_s, cpu_s, threads, load_average())
+    return {
+        "train_cpu_time_s": cpu_s,
+        "cpu_share": reading.cpu_share,
+        "load_average_end": reading.load_average,
+        # GPU runs wait on the device, not on cores: their CPU share says nothing about contention
+        "contended": bool(device_type == "cpu" and reading.contended),
     }

@@ -9,7 +9,6 @@ from typing import Any
 from bpfree.config import RunConfig, build_config
 from bpfree.engine import Engine, ProgressCallback
 from bpfree.errors import UserError
-from bpfree.meters.cpu import CpuClock, apply_flush_denormal
 from bpfree.results import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE, atomic_write_json, ensure_writable_dir, new_run_id
 
 
@@ -25,34 +24,17 @@ def execute(
     Everything that can fail on user input (data, model, device) is built before the run
     directory is created, so a bad input leaves nothing behind.
     """
-    flushing = apply_flush_denormal(cfg.flush_denormal)
     output = ensure_writable_dir(cfg.output if run_dir is None else Path(run_dir).parent)
     run_id = new_run_id(cfg) if run_dir is None else Path(run_dir).name
     run_dir = output / run_id
     engine = Engine(cfg, run_dir=run_dir, progress=progress, step_progress=step_progress)
     if not (run_dir / CONFIG_FILE).exists():
         atomic_write_json(run_dir / CONFIG_FILE, {"run_id": run_id, "config": cfg.model_dump(mode="json")})
-    clock = CpuClock()
-    clock.begin()
     result = {"run_id": run_id, **engine.run()}
-    result.update(cpu_timing(clock.end(), flushing, on_cpu=engine.device.type == "cpu"))
     atomic_write_json(run_dir / RESULT_FILE, result)
     if not keep_checkpoint:
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return run_dir, result
-
-
-def cpu_timing(reading, flushing: bool, on_cpu: bool) -> dict[str, Any]:
-    """The run's CPU-time share and load average; a CPU run that waited for its cores is flagged."""
-    return {
-        "flush_denormal": flushing,
-        "process_cpu_time_s": reading.cpu_s,
-        "run_wall_time_s": reading.wall_s,
-        "torch_threads": reading.threads,
-        "cpu_share": reading.cpu_share,
-        "load_average_end": reading.load_average,
-        "contended": bool(on_cpu and reading.contended),
-    }
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
