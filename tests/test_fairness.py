@@ -247,3 +247,55 @@ def test_a_run_records_init_flushing_cpu_time_and_uncounted_ops(one_thread):
     assert r["train_cpu_time_s"] > 0 and r["cpu_share"] is not None and isinstance(r["contended"], bool)
     row = r["curves"][0]
     assert row["epoch_cpu_time_s"] > 0 and "load_average" in row
+
+
+# -- stopping rules --------------------------------------------------------------------------------
+def _scripted_engine(monkeypatch, values, **fields):
+    """An engine whose validation returns scripted (accuracy, loss) pairs, one per epoch."""
+    import bpfree.engine as engine_module
+    from bpfree.loop import EvalOutcome
+
+    script = iter(values)
+
+    def fake_evaluate(algorithm, x, y, batch_size, **kwargs):
+        if kwargs.get("kind") == "test":
+            return EvalOutcome(0.5, 1.0, 0.0, 0.0, None, None)
+        accuracy, loss = next(script)
+        return EvalOutcome(accuracy, loss, 0.0, 0.0, None, None)
+
+    monkeypatch.setattr(engine_module, "evaluate", fake_evaluate)
+    cfg = build_config({"algorithm": "bp", "dataset": "mnist5k", "model": "mlp:1x4", "epochs": 10, "checkpoint": False,
+                        "device": "cpu", "batch_size": 1000, **fields})
+    return engine_module.Engine(cfg)
+
+
+SCRIPT = [(0.50, 1.00), (0.60, 0.90), (0.70, 0.8999), (0.65, 0.95), (0.66, 0.97), (0.9, 0.1)]
+
+
+def test_stopping_on_val_loss_with_min_delta_stops_at_the_right_epoch(monkeypatch, one_thread):
+    # 0.8999 is not an improvement over 0.90 by more than min_delta 0.01: stale from epoch 3, stop after epoch 4
+    r = _scripted_engine(monkeypatch, SCRIPT, monitor="val_loss", min_delta=0.01, patience=2, restore="last").run()
+    [phase] = r["phases"]
+    assert r["epochs_run"] == 4 and phase["epochs"] == 4
+    assert phase["monitored_best_epoch"] == 2 and phase["monitored_best"] == pytest.approx(0.90)
+    assert phase["restored_epoch"] == 4 and phase["final_val_accuracy"] == pytest.approx(0.65)  # last epoch kept
+    assert phase["best_epoch"] == 3 and phase["best_val_accuracy"] == pytest.approx(0.70)
+    assert r["stopping_rule"] == {"monitor": "val_loss", "restore": "last", "min_delta": 0.01, "patience": 2}
+    assert [row["val_loss"] for row in r["curves"]] == pytest.approx([1.0, 0.9, 0.8999, 0.95])
+
+
+def test_restore_best_and_best_accuracy_pick_their_epochs(monkeypatch, one_thread):
+    r = _scripted_engine(monkeypatch, SCRIPT, monitor="val_loss", patience=2, restore="best").run()
+    [phase] = r["phases"]
+    assert r["epochs_run"] == 5  # min_delta 0: 0.8999 improves; stale at epochs 4, 5
+    assert phase["restored_epoch"] == 3 and phase["final_val_accuracy"] == pytest.approx(0.70)
+    r = _scripted_engine(monkeypatch, SCRIPT, monitor="val_accuracy", min_delta=0.06, patience=2, restore="best_accuracy").run()
+    [phase] = r["phases"]
+    # 0.60 > 0.50 + 0.06 and 0.70 > 0.60 + 0.06 improve; 0.65, 0.66 are stale
+    assert r["epochs_run"] == 5 and phase["restored_epoch"] == 3
+
+
+def test_default_rule_is_bpfrees(monkeypatch, one_thread):
+    r = _scripted_engine(monkeypatch, SCRIPT, patience=2).run()
+    assert r["stopping_rule"]["monitor"] == "val_accuracy" and r["stopping_rule"]["restore"] == "best"
+    assert r["epochs_run"] == 5 and r["phases"][0]["restored_epoch"] == 3

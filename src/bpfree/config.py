@@ -66,7 +66,16 @@ class RunConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, le=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    patience: StrictInt | None = Field(10, ge=1, description="early-stopping patience in epochs on validation accuracy; null disables")
+    patience: StrictInt | None = Field(10, ge=1, description="early-stopping patience in epochs on the monitored metric; null disables")
+    monitor: Literal["val_accuracy", "val_loss", "local_loss"] = Field(
+        "val_accuracy",
+        description="early-stopping metric: validation accuracy, or the validation cross-entropy of the phase's read-out "
+        "(val_loss; local_loss names the same number for layer-local phases, whose read-out is their local objective)",
+    )
+    restore: Literal["best", "last", "best_accuracy"] = Field(
+        "best", description="weights a phase ends with: best monitored epoch, last epoch, or best validation accuracy"
+    )
+    min_delta: float = Field(0.0, ge=0, le=1e6, description="an epoch improves only by more than this (units of the monitored metric)")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     init: Literal["default", "prior"] = Field(
         "default", description="weight init: PyTorch defaults, or the prior study's per-layer-type scheme (bpfree.models.init)"

@@ -47,6 +47,10 @@ class Progress:
     best_val_accuracy: float = -1.0
     best_epoch: int | None = None
     stale_epochs: int = 0
+    best_monitored: float | None = None  # best value of the monitored metric in this phase
+    monitored_epoch: int | None = None  # the epoch that set it
+    monitored_val_accuracy: float | None = None  # validation accuracy at that epoch
+    last_val_accuracy: float | None = None
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
     probe_time_s: float = 0.0  # first steps of each kind, run under the FLOP counter outside the timed windows
@@ -210,6 +214,7 @@ class Engine:
             if st.epoch_in_phase == 0:
                 self.algorithm.begin_phase(phase)
                 st.best_val_accuracy, st.best_epoch, st.stale_epochs = -1.0, None, 0
+                st.best_monitored = st.monitored_epoch = st.monitored_val_accuracy = st.last_val_accuracy = None
                 st.phase_train_time_s, st.phase_peak_memory_bytes, st.phase_reference_loss = 0.0, None, None
                 self.best_weights = None
             if self.captured_step is not None:
@@ -222,14 +227,24 @@ class Engine:
                     self._save_checkpoint()
             if st.status != "running":
                 break
+            restored_epoch, final_val_accuracy = st.epoch_in_phase, st.last_val_accuracy
             if phase.early_stopping and self.best_weights is not None:
                 self.algorithm.load_weights_state(self.best_weights)
+                if self.cfg.restore == "best":
+                    restored_epoch, final_val_accuracy = st.monitored_epoch, st.monitored_val_accuracy
+                else:
+                    restored_epoch, final_val_accuracy = st.best_epoch, st.best_val_accuracy
             st.phases.append(
                 {
                     "name": phase.name,
                     "epochs": st.epoch_in_phase,
                     "best_epoch": st.best_epoch,
                     "best_val_accuracy": st.best_val_accuracy,
+                    "monitored_best_epoch": st.monitored_epoch,
+                    "monitored_best": st.best_monitored,
+                    # the epoch whose weights the phase ends with, and their validation accuracy
+                    "restored_epoch": restored_epoch,
+                    "final_val_accuracy": final_val_accuracy,
                     "train_time_s": st.phase_train_time_s,
                     "peak_memory_bytes": st.phase_peak_memory_bytes,
                 }
@@ -276,14 +291,9 @@ class Engine:
         st.probe_time_s += val.probe_s
         st.eval_energy_j = _add(st.eval_energy_j, val.joules)
         st.eval_flops = eval_flops.total
-        st.curves.append(self._curve_row(phase.name, outcome, val.accuracy, val.seconds))
+        st.curves.append(self._curve_row(phase.name, outcome, val.accuracy, val.seconds, val.loss if math.isfinite(val.loss) else None))
 
-        if val.accuracy > st.best_val_accuracy:
-            st.best_val_accuracy, st.best_epoch, st.stale_epochs = val.accuracy, st.epoch_in_phase, 0
-            if phase.early_stopping:
-                self.best_weights = self.algorithm.weights_state()
-        else:
-            st.stale_epochs += 1
+        self._track_stopping(phase, val.accuracy, val.loss)
         self.progress_callback(
             {
                 "event": "epoch",
@@ -296,6 +306,28 @@ class Engine:
             }
         )
         return phase.early_stopping and cfg.patience is not None and st.stale_epochs >= cfg.patience
+
+    def _track_stopping(self, phase: Phase, accuracy: float, loss: float) -> None:
+        """The stopping rule (``monitor``, ``min_delta``, ``restore``): stale epochs and the weights to restore."""
+        st, cfg = self.state, self.cfg
+        st.last_val_accuracy = accuracy
+        if accuracy > st.best_val_accuracy:
+            st.best_val_accuracy, st.best_epoch = accuracy, st.epoch_in_phase
+            if phase.early_stopping and cfg.restore == "best_accuracy":
+                self.best_weights = self.algorithm.weights_state()
+        if cfg.monitor == "val_accuracy":
+            value = accuracy
+            improved = st.best_monitored is None or value > st.best_monitored + cfg.min_delta
+        else:  # val_loss, local_loss: the validation cross-entropy of the phase's read-out
+            value = loss
+            improved = math.isfinite(value) and (st.best_monitored is None or value < st.best_monitored - cfg.min_delta)
+        if improved:
+            st.best_monitored, st.monitored_epoch, st.monitored_val_accuracy = value, st.epoch_in_phase, accuracy
+            st.stale_epochs = 0
+            if phase.early_stopping and cfg.restore == "best":
+                self.best_weights = self.algorithm.weights_state()
+        else:
+            st.stale_epochs += 1
 
     def _account_training(self, outcome: EpochOutcome) -> None:
         st = self.state
@@ -317,13 +349,16 @@ class Engine:
             return f"training loss {loss:.4g} exceeded {factor:g} x the phase's first-step loss {reference:.4g}"
         return None
 
-    def _curve_row(self, phase: str, outcome: EpochOutcome, val_accuracy: float | None, eval_s: float) -> dict[str, Any]:
+    def _curve_row(
+        self, phase: str, outcome: EpochOutcome, val_accuracy: float | None, eval_s: float, val_loss: float | None = None
+    ) -> dict[str, Any]:
         st = self.state
         return {
             "phase": phase,
             "epoch": st.epochs_run,
             "train_loss": outcome.loss if math.isfinite(outcome.loss) else None,
             "val_accuracy": val_accuracy,
+            "val_loss": val_loss,
             "epoch_time_s": outcome.seconds,
             "epoch_cpu_time_s": outcome.cpu_seconds,
             "load_average": outcome.load_average,

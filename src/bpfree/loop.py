@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from bpfree.algorithms.base import Algorithm, EpochClock
 from bpfree.capture import CapturedStep
@@ -197,6 +198,7 @@ def train_epoch(
 @dataclass
 class EvalOutcome:
     accuracy: float
+    loss: float  # mean cross-entropy of predict's scores read as logits
     seconds: float
     probe_s: float
     joules: float | None
@@ -219,6 +221,7 @@ def evaluate(
     phase = algorithm.phase.name if algorithm.phase is not None else "final"
     algorithm.eval_mode()
     correct = torch.zeros((), dtype=torch.long, device=x.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     with MeasuredWindow(x.device, energy) as window, torch.no_grad():
         for xb, yb in eval_batches(x, y, batch_size):
             step_kind = (kind, phase, xb.shape[0])
@@ -231,8 +234,11 @@ def evaluate(
                 if flops is not None:
                     flops.add(step_kind)
             correct += (scores.argmax(dim=1) == yb).sum()
+            loss_sum += F.cross_entropy(scores.float(), yb, reduction="sum").double()
+    totals = torch.stack([correct.double(), loss_sum]).tolist()  # one host sync for both
     return EvalOutcome(
-        accuracy=correct.item() / max(1, x.shape[0]),
+        accuracy=totals[0] / max(1, x.shape[0]),
+        loss=totals[1] / max(1, x.shape[0]),
         seconds=window.seconds,
         probe_s=window.excluded_s,
         joules=window.joules,

@@ -49,8 +49,11 @@ def result_record(
         "paper": algorithm.paper,
         "deviations": list(algorithm.deviations),
         "test_accuracy": test_accuracy,
-        # The final model's validation accuracy: the last phase's best (its weights are the ones tested).
+        # The last phase's best validation accuracy (the tested weights' own: final_val_accuracy).
         "best_val_accuracy": st.phases[-1]["best_val_accuracy"] if st.phases else None,
+        # validation accuracy of the weights tested (differs from the best under restore: last)
+        "final_val_accuracy": st.phases[-1].get("final_val_accuracy") if st.phases else None,
+        "stopping_rule": {"monitor": cfg.monitor, "restore": cfg.restore, "min_delta": cfg.min_delta, "patience": cfg.patience},
         "epochs_run": st.epochs_run,
         "curves": st.curves,
         "phases": st.phases,

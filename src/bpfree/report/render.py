@@ -136,7 +136,8 @@ def energy_cell(g: Group, notes: Footnotes | None = None) -> str:
 
 # -- tables --------------------------------------------------------------------------------------
 def results_table(summary: Summary) -> TableData:
-    columns = ["configuration", "runs", "test acc (%)", "best val (%)", "epochs", "train time (s)", "energy", "peak memory", "train FLOPs"]
+    columns = ["configuration", "runs", "test acc (%)", "best val (%)", "epochs", "train time (s)", "energy", "peak memory",
+               "train FLOPs", "stopping rule"]
     rows = []
     notes = Footnotes()
     for g in summary.groups:
@@ -151,16 +152,31 @@ def results_table(summary: Summary) -> TableData:
                 energy_cell(g, notes),
                 fmt_bytes(g.stat("peak_memory_bytes").mean),
                 fmt_flops(g.stat("train_flops").mean),
+                stopping_cell(g.config),
             ]
         )
     methods = sorted({m for g in summary.groups for m in [g.memory_method()] if m})
     caption = (
         "Mean ± half-width of the two-sided 95% confidence interval (Student t, n−1 d.o.f.) over seeds; "
         "n/a when only one seed. Accuracy and cost statistics use completed runs; diverged runs are counted in "
-        "'runs' and listed under Runs. Peak memory: " + ("; ".join(methods) or "not recorded") + ". Energy: "
+        "'runs' and listed under Runs. Stopping rule: the metric each phase early-stops on, the minimum "
+        "improvement, the patience, and which weights a phase keeps (best monitored epoch, last, or best "
+        "validation accuracy). Peak memory: " + ("; ".join(methods) or "not recorded") + ". Energy: "
         + (notes.caption() or "as shown.")
     )
     return TableData("Results", columns, rows, caption)
+
+
+def stopping_cell(config: dict[str, Any]) -> str:
+    """The run's stopping rule in a few words, e.g. 'val_loss (Δ>0.001, patience 8), keeps last'."""
+    patience = config.get("patience")
+    monitor = config.get("monitor", "val_accuracy")
+    delta = config.get("min_delta", 0.0) or 0.0
+    restore = config.get("restore", "best")
+    if patience is None:
+        return f"no early stop, keeps {restore} ({monitor})"
+    threshold = f"Δ>{delta:g}, " if delta else ""
+    return f"{monitor} ({threshold}patience {patience}), keeps {restore}"
 
 
 def delta_table(summary: Summary) -> TableData:
