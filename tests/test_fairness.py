@@ -299,3 +299,40 @@ def test_default_rule_is_bpfrees(monkeypatch, one_thread):
     r = _scripted_engine(monkeypatch, SCRIPT, patience=2).run()
     assert r["stopping_rule"]["monitor"] == "val_accuracy" and r["stopping_rule"]["restore"] == "best"
     assert r["epochs_run"] == 5 and r["phases"][0]["restored_epoch"] == 3
+
+
+# -- one read-out rule for NoProp and its BP twin --------------------------------------------------
+def test_noprop_and_its_twin_read_out_by_the_same_rule():
+    from bpfree.algorithms.noprop import NoProp
+    from bpfree.algorithms.base import TrainSettings
+
+    torch.manual_seed(0)
+    spec = _spec((1, 12, 12), 5)
+    model = build_model("noprop:3,c2,h8", spec)
+    alg = NoProp(model, spec, TrainSettings(1, 8, 1e-3, 0.0, "adam"), NoProp.Params(), torch.Generator().manual_seed(1))
+    x = torch.randn(6, 1, 12, 12)
+    alg.eval_mode()
+    for rule in ("mean", "sampled"):
+        model.readout = rule
+        with torch.no_grad():
+            twin_scores = model(x)  # what BP's predict computes in eval mode
+        assert torch.equal(alg.predict(x), twin_scores), rule
+    model.readout = "mean"
+    mean = alg.predict(x)
+    model.readout = "sampled"
+    assert not torch.allclose(mean, alg.predict(x))
+
+
+def test_a_noprop_run_records_both_readouts_and_the_config_rule(one_thread):
+    from bpfree.engine import Engine
+
+    common = {"dataset": "mnist5k", "model": "noprop:2,c2,h8", "epochs": 1, "checkpoint": False, "device": "cpu",
+              "batch_size": 500, "readout": "sampled"}
+    r = Engine(build_config({"algorithm": "noprop", **common})).run()
+    assert set(r["test_accuracy_by_readout"]) == {"mean", "sampled"}
+    assert r["test_accuracy_by_readout"]["sampled"] == r["test_accuracy"] and r["config"]["readout"] == "sampled"
+    twin = build_config({"algorithm": "bp", **common})
+    from bpfree.protocol.compare import derive_twin
+
+    assert derive_twin({"algorithm": "noprop", **common}, {})["readout"] == "sampled"  # the twin copies the rule
+    assert twin.readout == "sampled"

@@ -68,6 +68,8 @@ def build_run(cfg: RunConfig) -> RunParts:
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.val_fraction).to(device)
     torch.manual_seed(seeds["model_init"])
     model = build_model(cfg.model, data.spec, cfg.init, cfg.algorithm).to(device)
+    if hasattr(model, "READOUTS"):  # one test-time read-out rule, the same for an algorithm and its BP twin
+        model.readout, model.readout_seed = cfg.readout, seeds["algorithm"] + 7_919
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
         data = data.with_images(lambda x: x.contiguous(memory_format=torch.channels_last))

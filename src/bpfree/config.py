@@ -80,6 +80,11 @@ class RunConfig(BaseModel):
     init: Literal["default", "prior"] = Field(
         "default", description="weight init: PyTorch defaults, or the prior study's per-layer-type scheme (bpfree.models.init)"
     )
+    readout: Literal["mean", "sampled"] = Field(
+        "mean",
+        description="test-time read-out of NoProp-family models (mean path, or sampled chain from a fixed seed); "
+        "an alternative's BP twin copies it, so both are read out by one rule",
+    )
     flush_denormal: StrictBool = Field(True, description="flush subnormal floats to zero on CPU (steady epoch times; see README)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_root: Path | None = Field(None, description="directory holding torchvision datasets")

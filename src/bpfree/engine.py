@@ -126,6 +126,7 @@ class Engine:
         self.captured_step: CapturedStep | None = None
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.captured_step = CapturedStep(self.algorithm, (self.algorithm_generator,))
+        self.test_accuracy_by_readout: dict[str, float] | None = None
 
     # -- checkpoints ----------------------------------------------------------------------------
     @property
@@ -368,6 +369,28 @@ class Engine:
             "cumulative_energy_j": st.energy_j,
         }
 
+    def _other_readouts(self, headline: float) -> dict[str, float] | None:
+        """Test accuracy under every read-out rule the model offers (the headline is the configured one).
+
+        Outside every measured window and FLOP ledger: a record for the reader, not part of the run's cost.
+        """
+        model = self.algorithm.model
+        if not hasattr(model, "READOUTS"):
+            return None
+        configured = model.readout
+        scores = {configured: headline}
+        try:
+            for rule in model.READOUTS:
+                if rule != configured:
+                    model.readout = rule
+                    scores[rule] = evaluate(
+                        self.algorithm, self.data.test_x, self.data.test_y, self.cfg.eval_batch_size,
+                        kind="test", autocast=self.autocast,
+                    ).accuracy
+        finally:
+            model.readout = configured
+        return scores
+
     def _finish(self, resumed: bool, train_flops: FlopLedger, eval_flops: FlopLedger) -> dict[str, Any]:
         st = self.state
         self.algorithm.end_training()
@@ -378,6 +401,7 @@ class Engine:
                 kind="test", flops=eval_flops, energy=self.energy, autocast=self.autocast,
             )
             test_accuracy = test.accuracy
+            self.test_accuracy_by_readout = self._other_readouts(test_accuracy)
             st.eval_time_s += test.seconds
             st.probe_time_s += test.probe_s
             st.eval_energy_j = _add(st.eval_energy_j, test.joules)

@@ -43,8 +43,9 @@ parallel and sequential steps count the same FLOPs.
 
 Inference (paper Eq. 3, spec §5.7): z_0 ~ N(0, I), then for t = 1..T
   z_t = a_t û_θt(z_{t-1}, x) + b_t z_{t-1} + √c_t ε_t
-(:meth:`NoPropNet.chain`), and the class scores are head(z_T). ``inference: mean`` starts from
-z_0 = 0 and drops the noise.
+(:meth:`NoPropNet.chain`), and the class scores are head(z_T). The run's ``readout`` (config field,
+shared with the BP twin) picks this sampled path or the mean path (z_0 = 0, no noise); results record
+the test accuracy under both (``test_accuracy_by_readout``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ class NoPropParams(BaseModel):
     parallel: bool = Field(
         False, description="loop=joint: train the T blocks as one vmap'd call over stacked weights (speed for memory)"
     )
-    inference: Literal["sample", "mean"] = "sample"
 
 
 def kl_to_standard_normal(u: torch.Tensor, alpha_bar_0: float) -> torch.Tensor:
@@ -94,8 +94,11 @@ class NoProp(Algorithm):
         "optimiser, lr and weight decay come from the run config (paper: AdamW, 1e-3, 1e-3; see configs/quick)",
         "cosine schedule ᾱ_t = cos²(π/2 (1 - t/T)) squashed into [1e-3, 1 - 1e-3] "
         "(the paper's exact formula was not retrieved)",
-        "inference noise (z_0 and ε_t) comes from a fixed-seed generator reset at every predict call, so evaluation "
-        "is deterministic and does not consume training randomness; inference=mean uses z_0 = 0 and no noise",
+        "readout=sampled: inference noise (z_0 and ε_t) comes from a fixed-seed generator reset at every predict call, "
+        "so evaluation is deterministic and does not consume training randomness; readout=mean (the default, and the "
+        "BP twin's rule alike) uses z_0 = 0 and no noise instead of the paper's sampled chain",
+        "the head starts at the class embeddings (head.weight = W_Embed, bias 0; spec token rhead for PyTorch's "
+        "init); the paper's head init is not known",
         "dropout masks are drawn from the algorithm generator (so parallel and sequential runs agree)",
         "prototype class embeddings not implemented (one-hot fixed or learned orthogonal-init only)",
         "gradients reach a learned W_Embed also through the reparameterised samples z ~ q(z|y)",
@@ -141,8 +144,6 @@ class NoProp(Algorithm):
         self.optimizers["out"] = make_optimizer(out_params, self.settings)
 
         self._paper_block = 1  # loop=paper: the block this epoch trains (set by begin_epoch)
-        self._eval_seed = int(self.generator.initial_seed()) + 7_919
-        self._eval_generator = torch.Generator(device=self.generator.device)
 
     # -- parallel storage -------------------------------------------------------------------------
     def _stack_block_parameters(self) -> None:
@@ -277,15 +278,7 @@ class NoProp(Algorithm):
 
     # -- inference ------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        shape = (x.shape[0], self.d)
+        """The model's read-out (config ``readout``: mean or sampled path), the rule its BP twin uses too."""
         with torch.no_grad():
-            if self.params.inference == "sample":
-                g = self._eval_generator
-                g.manual_seed(self._eval_seed)
-                z = torch.randn(shape, generator=g, device=g.device, dtype=x.dtype)
-                z = model.chain(x, z, noise=True, generator=g)
-            else:
-                z = model.chain(x, x.new_zeros(shape), noise=False)
-            return model.head(z)
+            return self.model.read_out(x)
 

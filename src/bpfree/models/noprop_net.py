@@ -42,10 +42,13 @@ The inference chain (:meth:`NoPropNet.chain`, paper Eq. 3) is
 z_t = a_t û_θt(z_{t-1}, x) + b_t z_{t-1} + √c_t ε_t with the Gaussian-posterior coefficients of
 :func:`posterior_coefficients`.
 
+Read-out at test time (:meth:`NoPropNet.read_out`, config ``readout``), one rule for NoProp and its
+BP twin: ``mean`` (z_0 = 0, no noise) or ``sampled`` (z_0 and the ε_t drawn, from a fixed seed).
+
 The BP twin, ``forward(x)``: the same chain trained end to end by backpropagation through the
 sampled path ("BPTT on the sampled paths of an SDE resembling NoProp-DT", the paper's backprop
 baseline as described by DiffusionBlocks Table 6). In training mode z_0 ~ N(0, I) and the ε_t are
-drawn (global RNG, like dropout); in eval mode z_0 = 0 and no noise (the mean path). The logits
+drawn (global RNG, like dropout); in eval mode it reads out by the run's ``readout`` rule. The logits
 are head(z_T); BP minimises their cross-entropy, so gradients cross all blocks (and reach a
 learned W_Embed).
 """
@@ -162,6 +165,8 @@ class NoPropBlock(nn.Module):
 class NoPropNet(nn.Module):
     """T NoProp-DT blocks, the final classifier ``head`` and the class embeddings ``embed``."""
 
+    READOUTS = ("mean", "sampled")
+
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, shape: NoPropShape = NoPropShape()) -> None:
         super().__init__()
         self.shape = shape
@@ -183,6 +188,9 @@ class NoPropNet(nn.Module):
             with torch.no_grad():
                 self.head.weight.copy_(self.embed)
                 self.head.bias.zero_()
+        # Test-time read-out of the chain (``read_out``); set per run from the config's ``readout``.
+        self.readout = "mean"
+        self.readout_seed = 7_919
         # The noise schedule is fixed by the spec (not a parameter, not in the state dict).
         self.alpha_bar = alpha_bar_schedule(shape.T, shape.schedule)
         a, b, c = posterior_coefficients(self.alpha_bar)
@@ -215,11 +223,27 @@ class NoPropNet(nn.Module):
                 z = z + math.sqrt(self.coef_c[t - 1]) * eps
         return z
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The BP twin: the chain end to end (sampled path in training, mean path in eval), then the head."""
+    def read_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores at test time by the model's ``readout`` rule, the same for NoProp and its BP twin.
+
+        ``mean``: z_0 = 0 and no noise (the chain's mean path). ``sampled``: z_0 ~ N(0, I) and the ε_t of
+        Eq. 3, drawn from a generator reset to ``readout_seed`` at every call, so evaluation is
+        deterministic and consumes no training randomness.
+        """
         shape = (x.shape[0], self.embed_dim)
-        z = torch.randn(shape, device=x.device, dtype=x.dtype) if self.training else x.new_zeros(shape)
-        return self.head(self.chain(x, z, noise=self.training))
+        if self.readout == "sampled":
+            generator = torch.Generator(device=x.device).manual_seed(self.readout_seed)
+            z = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+            return self.head(self.chain(x, z, noise=True, generator=generator))
+        return self.head(self.chain(x, x.new_zeros(shape), noise=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The BP twin: the chain end to end (sampled path in training; ``read_out`` in eval), then the head."""
+        if not self.training:
+            return self.read_out(x)
+        shape = (x.shape[0], self.embed_dim)
+        z = torch.randn(shape, device=x.device, dtype=x.dtype)
+        return self.head(self.chain(x, z, noise=True))
 
 
 def parse_noprop(args: str) -> NoPropShape:

@@ -141,9 +141,10 @@ def results_table(summary: Summary) -> TableData:
     rows = []
     notes = Footnotes()
     for g in summary.groups:
+        readout = f" (test read-out: {g.config['readout']})" if str(g.model).startswith("noprop") and g.config.get("readout") else ""
         rows.append(
             [
-                g.label,
+                g.label + readout,
                 runs_cell(g),
                 fmt_stat(g.stat("test_accuracy"), 100),
                 fmt_stat(g.stat("best_val_accuracy"), 100),
