@@ -336,3 +336,50 @@ def test_a_noprop_run_records_both_readouts_and_the_config_rule(one_thread):
 
     assert derive_twin({"algorithm": "noprop", **common}, {})["readout"] == "sampled"  # the twin copies the rule
     assert twin.readout == "sampled"
+
+
+# -- the prior study's smaller settings as options -----------------------------------------------
+def test_ff_prior_overlay_writes_one_and_zero():
+    from bpfree.algorithms.base import TrainSettings
+    from bpfree.algorithms.ff import ForwardForward
+
+    spec = _spec((1, 28, 28), 10)
+    settings = TrainSettings(1, 8, 1e-3, 0.0, "adam")
+    x = torch.randn(4, 784) * 2 + 0.5
+    labels = torch.tensor([0, 3, 9, 5])
+    for overlay, on, off in (("prior", 1.0, 0.0), ("sample_range", x.max(1).values, x.min(1).values)):
+        torch.manual_seed(0)
+        ff = ForwardForward(build_model("mlp:2x16", spec), spec, settings, ForwardForward.Params(overlay=overlay),
+                            torch.Generator().manual_seed(0))
+        low, span = ff._label_levels(x)
+        assert torch.allclose(low.squeeze(1), torch.as_tensor(off, dtype=x.dtype).expand(4))
+        assert torch.allclose((low + span).squeeze(1), torch.as_tensor(on, dtype=x.dtype).expand(4))
+
+
+def test_drop_last_drops_the_partial_batch():
+    from bpfree.data import DataSpec, Splits, num_batches, train_batches
+
+    x, y = torch.randn(10, 1, 2, 2), torch.arange(10)
+    splits = Splits(DataSpec("t", (1, 2, 2), 10, 10, 0, 0, False), x, y, x[:0], y[:0], x[:0], y[:0])
+    kept = [b.shape[0] for b, _ in train_batches(splits, 4, torch.Generator().manual_seed(0))]
+    dropped = [b.shape[0] for b, _ in train_batches(splits, 4, torch.Generator().manual_seed(0), drop_last=True)]
+    assert kept == [4, 4, 2] and dropped == [4, 4]
+    assert num_batches(10, 4) == 3 and num_batches(10, 4, drop_last=True) == 2 and num_batches(3, 4, drop_last=True) == 1
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_dfa_bn_updates_count_of_the_prior_study(updates, one_thread):
+    from bpfree.algorithms.base import TrainSettings
+    from bpfree.algorithms.cafo import CaFoParams, CascadedForward
+    from bpfree.models.cnn import CNN3
+
+    torch.manual_seed(0)
+    spec = _spec((1, 8, 8), 3)
+    model = CNN3((1, 8, 8), 3, (2, 4, 8))
+    algo = CascadedForward(model, spec, TrainSettings(1, 16, 0.1, 0.0, "sgd"),
+                           CaFoParams(variant="dfa", dfa_last_block="bp", dfa_bn_updates=updates), torch.Generator().manual_seed(1))
+    algo.begin_phase(next(p for p in algo.schedule() if p.name == "dfa"))
+    algo.train_mode()
+    algo.train_step(torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,)))
+    tracked = [int(block[3].num_batches_tracked) for block in model.blocks]
+    assert tracked == [updates, updates, 1]  # the BP-trained last block is run once, as the prior study

@@ -132,10 +132,11 @@ def measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int =
         ledger = FlopLedger()
         times = []
         for epoch in range(epochs + 1):  # epoch 0 warms up (captures) and counts FLOPs
-            clock = epoch_clock(phase, min(epoch, phase.epochs - 1), epoch, n_train, cfg.batch_size)
+            clock = epoch_clock(phase, min(epoch, phase.epochs - 1), epoch, n_train, cfg.batch_size, cfg.drop_last)
             outcome = train_epoch(
                 algo, data, clock, parts.data_generator, flops=ledger if epoch == 0 else None, memory=memory,
                 energy=energy if epoch > 0 else None, autocast=parts.autocast, step=captured,
+                drop_last=cfg.drop_last,
             )
             if epoch == 0:
                 flops_per_epoch = ledger.total
@@ -155,7 +156,7 @@ def measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int =
     # Data handling alone: shuffling, gathering and (for CIFAR) augmenting one epoch of batches.
     synchronize(dev)
     start = time.perf_counter()
-    for _ in train_batches(data, cfg.batch_size, parts.data_generator):
+    for _ in train_batches(data, cfg.batch_size, parts.data_generator, cfg.drop_last):
         pass
     synchronize(dev)
     data_s = time.perf_counter() - start

@@ -61,6 +61,7 @@ class RunConfig(BaseModel):
     )
     epochs: StrictInt = Field(10, ge=1, le=100_000, description="maximum epochs (per phase for phased algorithms)")
     batch_size: StrictInt = Field(128, ge=1, le=1_000_000)
+    drop_last: StrictBool = Field(False, description="drop the last, smaller training batch of every epoch (the prior study's loaders)")
     eval_batch_size: StrictInt = Field(1000, ge=1, le=1_000_000)
     lr: float = Field(1e-3, gt=0, le=10)
     weight_decay: float = Field(0.0, ge=0, le=1)

@@ -260,7 +260,7 @@ class Engine:
     def _epoch(self, phase: Phase, train_flops: FlopLedger, eval_flops: FlopLedger, total_epochs: int) -> bool:
         """One training epoch and its validation; returns True when the phase stops early."""
         st, cfg = self.state, self.cfg
-        clock = epoch_clock(phase, st.epoch_in_phase, st.epochs_run, self.data.train_x.shape[0], cfg.batch_size)
+        clock = epoch_clock(phase, st.epoch_in_phase, st.epochs_run, self.data.train_x.shape[0], cfg.batch_size, cfg.drop_last)
         on_step = None
         step_listener = self.step_progress
         if step_listener is not None:
@@ -270,7 +270,7 @@ class Engine:
         outcome = train_epoch(
             self.algorithm, self.data, clock, self.data_generator,
             flops=train_flops, energy=self.energy, memory=self.memory, autocast=self.autocast,
-            step=self.captured_step, on_step=on_step,
+            step=self.captured_step, on_step=on_step, drop_last=cfg.drop_last,
         )
         self._account_training(outcome)
         st.epoch_in_phase += 1

@@ -116,8 +116,10 @@ class EpochOutcome:
     load_average: float | None = None  # the machine's 1-minute load average at the epoch's end
 
 
-def epoch_clock(algorithm_phase, epoch: int, epochs_run: int, n_train: int, batch_size: int) -> EpochClock:
-    return EpochClock(algorithm_phase, epoch, epochs_run, num_batches(n_train, batch_size), n_train, batch_size)
+def epoch_clock(
+    algorithm_phase, epoch: int, epochs_run: int, n_train: int, batch_size: int, drop_last: bool = False
+) -> EpochClock:
+    return EpochClock(algorithm_phase, epoch, epochs_run, num_batches(n_train, batch_size, drop_last), n_train, batch_size)
 
 
 def train_epoch(
@@ -132,6 +134,7 @@ def train_epoch(
     autocast: contextlib.AbstractContextManager | None = None,
     step: CapturedStep | None = None,
     on_step: StepCallback | None = None,
+    drop_last: bool = False,
 ) -> EpochOutcome:
     """Run one epoch: ``begin_epoch``, every step, ``end_epoch``; all of it inside one measured window.
 
@@ -149,7 +152,7 @@ def train_epoch(
     first_loss: torch.Tensor | None = None
     steps = 0
     with MeasuredWindow(device, energy, memory) as window:
-        for xb, yb in train_batches(data, clock.batch_size, generator):
+        for xb, yb in train_batches(data, clock.batch_size, generator, drop_last):
             kind = (clock.phase.name, xb.shape[0])
             if flops is not None and not flops.knows(kind):
                 with window.excluded(), autocast:

@@ -163,6 +163,9 @@ class CaFoParams(BaseModel):
     dfa_last_block: Literal["dfa", "bp"] = "dfa"  # bp = the prior study's hybrid (last block by BP via the head)
     dfa_error: Literal["mean", "sum"] = "mean"  # sum = per-sample error not divided by B (prior study)
     dfa_early_stopping: bool = True
+    dfa_bn_updates: Literal[1, 2] = Field(
+        1, description="BatchNorm running-stat updates per batch in DFA-trained blocks (2: the prior study's recomputed forward)"
+    )
 
 
 @register
@@ -185,6 +188,8 @@ class CascadedForward(Algorithm):
         "dfa_error=sum; a wasted full backward)",
         "dfa phase early-stops on the aux head's validation accuracy and restores the best blocks "
         "(dfa_early_stopping=false: fixed dfa_epochs, as the prior study)",
+        "dfa: BatchNorm running statistics of a DFA-trained block are updated once per batch (the prior study's "
+        "recomputed forward updated them twice: dfa_bn_updates=2)",
         "closed-form mse accumulates H^T H and H^T Y in float64 over one epoch of mini-batches and solves at "
         "its last batch; ridge=0 uses an eigendecomposition pseudo-inverse (paper: whole training set as one "
         "tensor, inverse with pinv fallback)",
@@ -370,12 +375,18 @@ class CascadedForward(Algorithm):
 
     def _dfa_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         p = self.params
-        outputs = []
+        outputs, inputs = [], []
         h = x
         for block in self.model.blocks:
+            inputs.append(h.detach())
             h = block(h.detach())  # detached input: the block's graph is its own, nothing crosses blocks
             outputs.append(h)
         last_by_bp = p.dfa_last_block == "bp"
+        if p.dfa_bn_updates == 2:  # the prior study recomputed each DFA block's forward in train mode
+            with torch.no_grad():
+                dfa_blocks = len(outputs) - 1 if last_by_bp else len(outputs)
+                for block, block_input in zip(list(self.model.blocks)[:dfa_blocks], inputs):
+                    block(block_input)  # same batch statistics; only BN's running statistics move again
         head_input = outputs[-1].flatten(1)
         q = self.aux["dfa_head"](head_input if last_by_bp else head_input.detach())
         loss = F.cross_entropy(q, y)

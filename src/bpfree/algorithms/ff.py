@@ -82,6 +82,11 @@ class ForwardForwardParams(BaseModel):
     head_lr: float = Field(1e-2, gt=0, le=10, description="softmax head learning rate")
     head_weight_decay: float = Field(3e-3, ge=0, le=1, description="softmax head weight decay")
     train_head: bool | None = Field(None, description="train the softmax head; null = only when inference is softmax")
+    overlay: Literal["sample_range", "prior"] = Field(
+        "sample_range",
+        description="label pixel values: each sample's own min (off) and max (on), or the prior study's 0.0 / 1.0 "
+        "(written into the standardised image)",
+    )
 
     @model_validator(mode="after")
     def _head_for_softmax(self) -> ForwardForwardParams:
@@ -125,11 +130,16 @@ class ForwardForward(Algorithm):
     uses_model_head = False
     paper = "Hinton 2022, The Forward-Forward Algorithm (arXiv 2212.13345)"
     deviations = (
-        "the shared model's default init (PyTorch Kaiming-uniform), not loeweX's N(0, 1/sqrt(out)) weights, zero biases",
+        "the shared model's init by the run's `init`: default = PyTorch Kaiming-uniform; `init: prior` = loeweX's and "
+        "the prior study's N(0, 1/sqrt(out)) weights, zero biases",
+        "label overlay (params.overlay): sample_range (default) writes each sample's own min (off) / max (on) into the "
+        "C label pixels of the standardised image; loeweX writes 0/1 into raw [0, 1] pixels, the prior study 0/1 into "
+        "standardised ones (overlay: prior); the neutral label is off + (on - off)/C either way",
         "straight-through 'full-grad' ReLU in the backward pass, as loeweX (params.full_grad_relu=false: plain ReLU)",
         "peer normalisation, weight 0.03, momentum 0.9, as loeweX (params.peer_norm_weight=0 disables)",
         "each layer's loss is the mean over the 2B stacked rows (loeweX's BCE): half of E_pos + E_neg, an LR scale",
-        "phases stop early on validation accuracy of the phase's inference rule and restore their best weights",
+        "phases stop by the run's stopping rule (monitor, min_delta, restore; default: validation accuracy of the "
+        "phase's inference rule, best weights restored; the prior study: accuracy, min_delta 0.01 pp, best restored)",
         "layerwise + softmax: phase k's head reads layers 2..k; phase 1 is validated by layer-1 goodness",
         "RMS normalisation acts on the dataset-standardised image (loeweX: raw [0, 1] pixels)",
     )
@@ -204,7 +214,10 @@ class ForwardForward(Algorithm):
 
     # -- inputs ---------------------------------------------------------------------------------
     def _label_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample off (darkest) and on - off (range) values for the label pixels, shape B x 1."""
+        """Off and on - off values for the label pixels, shape B x 1 (per sample, or the prior study's 0 and 1)."""
+        if self.params.overlay == "prior":
+            zero = x.new_zeros(x.shape[0], 1)
+            return zero, zero + 1.0
         low, high = torch.aminmax(x, dim=1, keepdim=True)
         return low, high - low
 

@@ -59,18 +59,19 @@ class Splits:
 
 
 def train_batches(
-    splits: Splits, batch_size: int, generator: torch.Generator
+    splits: Splits, batch_size: int, generator: torch.Generator, drop_last: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled training batches, drawn by index on the data's device.
 
     The permutation and the augmentation draw from ``generator`` so the data order is a pure
-    function of the seed. The last, smaller batch is kept so every sample is seen each epoch.
+    function of the seed. The last, smaller batch is kept so every sample is seen each epoch,
+    unless ``drop_last`` (the prior study's loaders) and there is at least one full batch.
     """
     n = splits.train_x.shape[0]
     order = torch.randperm(n, generator=generator, device=generator.device)
     if order.device != splits.device:
         order = order.to(splits.device)
-    for start in range(0, n, batch_size):
+    for start in range(0, n - n % batch_size if drop_last and n >= batch_size else n, batch_size):
         index = order[start : start + batch_size]
         x = splits.train_x.index_select(0, index)
         if splits.spec.augment:
@@ -83,7 +84,9 @@ def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[
         yield x[start : start + batch_size], y[start : start + batch_size]
 
 
-def num_batches(n: int, batch_size: int) -> int:
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    if drop_last and n >= batch_size:
+        return n // batch_size
     return (n + batch_size - 1) // batch_size
 
 
