@@ -383,3 +383,36 @@ def test_dfa_bn_updates_count_of_the_prior_study(updates, one_thread):
     algo.train_step(torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,)))
     tracked = [int(block[3].num_batches_tracked) for block in model.blocks]
     assert tracked == [updates, updates, 1]  # the BP-trained last block is run once, as the prior study
+
+
+# -- layer-wise read-outs --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "algorithm,model,params,names",
+    [
+        ("mf", "mlp:2x16", {}, ["layer1", "layer2"]),
+        ("ff", "mlp:2x16", {"inference": "goodness"}, ["layer1", "layer2"]),
+        ("cafo", "cnn3:2,4,8", {"variant": "rand"}, ["predictor1", "predictor2", "predictor3"]),
+        ("noprop", "noprop:2,c2,h8", {}, ["block1", "block2"]),
+    ],
+)
+def test_layer_local_algorithms_record_accuracy_per_layer(algorithm, model, params, names, one_thread):
+    from bpfree.engine import Engine
+
+    cfg = build_config({"algorithm": algorithm, "dataset": "mnist5k", "model": model, "epochs": 1, "batch_size": 500,
+                        "checkpoint": False, "device": "cpu", "params": params})
+    r = Engine(cfg).run()
+    layers = r["layer_accuracy"]
+    assert list(layers) == names
+    for scores in layers.values():
+        assert 0.0 <= scores["val"] <= 1.0 and 0.0 <= scores["test"] <= 1.0
+    if algorithm == "mf":  # MF predicts from the last layer's projection: its read-out is the headline
+        assert layers["layer2"]["test"] == pytest.approx(r["test_accuracy"])
+
+
+def test_bp_has_no_layer_readouts_and_the_report_plots_layers(tmp_path, one_thread):
+    from bpfree.report.plots import layer_accuracy_plot
+
+    record = _record("mf", 0, 0.9, "mf0")
+    record["layer_accuracy"] = {"layer1": {"val": 0.8, "test": 0.79}, "layer2": {"val": 0.9, "test": 0.9}}
+    plot = layer_accuracy_plot(summarize([record, _record("bp", 0, 0.9, "bp0")]))
+    assert plot.png().startswith(b"\x89PNG") and "layer" in plot.caption

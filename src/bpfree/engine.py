@@ -23,7 +23,7 @@ from bpfree.build import build_run, derived_seeds
 from bpfree.capture import CapturedStep
 from bpfree.config import RunConfig
 from bpfree.errors import UserError
-from bpfree.loop import EpochOutcome, epoch_clock, evaluate, train_epoch
+from bpfree.loop import EpochOutcome, epoch_clock, evaluate, layer_accuracy, train_epoch
 from bpfree.meters.energy import EnergyMeter, merge_components
 from bpfree.meters.flops import FlopLedger
 from bpfree.meters.memory import MemoryMeter
@@ -127,6 +127,7 @@ class Engine:
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.captured_step = CapturedStep(self.algorithm, (self.algorithm_generator,))
         self.test_accuracy_by_readout: dict[str, float] | None = None
+        self.layer_accuracy: dict[str, dict[str, float]] | None = None
 
     # -- checkpoints ----------------------------------------------------------------------------
     @property
@@ -369,6 +370,15 @@ class Engine:
             "cumulative_energy_j": st.energy_j,
         }
 
+    def _layer_accuracy(self) -> dict[str, dict[str, float]] | None:
+        """{read-out name: {"val": accuracy, "test": accuracy}} for every layer-local read-out, or None."""
+        bs, data = self.cfg.eval_batch_size, self.data
+        val = layer_accuracy(self.algorithm, data.val_x, data.val_y, bs)
+        if not val:
+            return None
+        test = layer_accuracy(self.algorithm, data.test_x, data.test_y, bs)
+        return {name: {"val": val[name], "test": test[name]} for name in val}
+
     def _other_readouts(self, headline: float) -> dict[str, float] | None:
         """Test accuracy under every read-out rule the model offers (the headline is the configured one).
 
@@ -402,6 +412,7 @@ class Engine:
             )
             test_accuracy = test.accuracy
             self.test_accuracy_by_readout = self._other_readouts(test_accuracy)
+            self.layer_accuracy = self._layer_accuracy()
             st.eval_time_s += test.seconds
             st.probe_time_s += test.probe_s
             st.eval_energy_j = _add(st.eval_energy_j, test.joules)

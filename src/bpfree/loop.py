@@ -249,6 +249,24 @@ def evaluate(
     )
 
 
+def layer_accuracy(algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Accuracy of every layer-local read-out (``Algorithm.layer_scores``); empty when it has none.
+
+    Not timed and not FLOP-counted: a record for the reader, not part of the method's cost.
+    """
+    algorithm.eval_mode()
+    correct: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for xb, yb in eval_batches(x, y, batch_size):
+            for name, scores in algorithm.layer_scores(xb).items():
+                correct[name] = correct.get(name, 0) + (scores.argmax(dim=1) == yb).sum()
+    if not correct:
+        return {}
+    names = list(correct)
+    counts = torch.stack([torch.as_tensor(correct[n]) for n in names]).tolist()  # one host sync
+    return {name: count / max(1, x.shape[0]) for name, count in zip(names, counts)}
+
+
 def inference_flops_per_sample(algorithm: Algorithm, sample: torch.Tensor, uncounted: dict[str, int] | None = None) -> float:
     """FLOPs of the final inference rule per sample, counted on a small batch."""
     algorithm.eval_mode()

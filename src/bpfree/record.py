@@ -51,6 +51,8 @@ def result_record(
         "test_accuracy": test_accuracy,
         # models with several test-time read-outs (NoProp): the accuracy under each; the headline is cfg.readout
         "test_accuracy_by_readout": engine.test_accuracy_by_readout,
+        # each layer-local read-out of the trained model (MF projection, FF layer, CaFo predictor, NoProp block)
+        "layer_accuracy": engine.layer_accuracy,
         # The last phase's best validation accuracy (the tested weights' own: final_val_accuracy).
         "best_val_accuracy": st.phases[-1]["best_val_accuracy"] if st.phases else None,
         # validation accuracy of the weights tested (differs from the best under restore: last)

@@ -182,6 +182,15 @@ class Algorithm(ABC):
         """Work that closes the epoch (override); a returned ``loss`` is the epoch's training loss."""
         return {}
 
+    def layer_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Class scores (B x C) of each layer-local read-out of the trained model, by name (override).
+
+        Layer-local algorithms expose one read-out per layer (MF projection, FF layer, CaFo predictor,
+        NoProp block); the engine records their validation and test accuracy. Empty: none.
+        """
+        del x
+        return {}
+
     def end_training(self) -> None:
         """Switch ``predict`` to the final inference rule."""
         self.phase = None

@@ -331,6 +331,11 @@ class CascadedForward(Algorithm):
             return z
         return sparsemax(z) if self.params.loss == "sl" else torch.softmax(z, dim=-1)
 
+    def layer_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each predictor alone on its own block's features."""
+        feats = self._features(x, self.num_blocks - 1)
+        return {f"predictor{k + 1}": predictor(feats[k]) for k, predictor in enumerate(self.aux["predictors"])}
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         if self._mode == "dfa":
             h = x

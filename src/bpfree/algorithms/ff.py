@@ -344,6 +344,18 @@ class ForwardForward(Algorithm):
                 z = _rms_normalise(h)
         return total.view(c, batch).t()
 
+    def layer_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each layer's own goodness for every candidate label (B x C), in one pass of C*B rows."""
+        x = x.flatten(1)
+        batch, c = x.shape[0], self._classes
+        z = self._overlay(x, self._arange.repeat_interleave(batch), c)
+        scores = {}
+        for i in range(self._depth):
+            h = F.relu(self._linears[i](z))
+            scores[f"layer{i + 1}"] = h.square().sum(dim=1).view(c, batch).t()
+            z = _rms_normalise(h)
+        return scores
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         top = self._layer if self.phase is not None else self._depth - 1
         if self.params.inference == "softmax" and self._head_reads(top):

@@ -114,6 +114,14 @@ class MonoForward(Algorithm):
                 total = g if total is None else total + g
         return total if total is not None else projections[self._layer](h)
 
+    def layer_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """G_i = a_i M_i^T of every layer's projection (each layer's own read-out)."""
+        h, scores = x.flatten(1), {}
+        for i, (block, projection) in enumerate(zip(self.model.blocks, self.aux["projections"])):
+            h = block(h)
+            scores[f"layer{i + 1}"] = projection(h)
+        return scores
+
     def extra_state(self) -> dict:
         return {"layer": self._layer}
 

@@ -277,6 +277,10 @@ class NoProp(Algorithm):
         return {"loss": l2 + ce + kl, "l2": l2, "mse": sq.detach(), "ce": ce, "kl": kl}
 
     # -- inference ------------------------------------------------------------------------------
+    def layer_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each block's class logits along the model's read-out chain (block t sees z_{t-1} of that chain)."""
+        return self.model.block_logits(x)
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The model's read-out (config ``readout``: mean or sampled path), the rule its BP twin uses too."""
         with torch.no_grad():

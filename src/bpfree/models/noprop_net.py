@@ -237,6 +237,25 @@ class NoPropNet(nn.Module):
             return self.head(self.chain(x, z, noise=True, generator=generator))
         return self.head(self.chain(x, x.new_zeros(shape), noise=False))
 
+    def block_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Block t's class logits on the ``read_out`` chain (the same z_0 and noise), for t = 1..T."""
+        shape = (x.shape[0], self.embed_dim)
+        generator = None
+        if self.readout == "sampled":
+            generator = torch.Generator(device=x.device).manual_seed(self.readout_seed)
+            z = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            z = x.new_zeros(shape)
+        out = {}
+        for t in range(1, self.T + 1):
+            logits = self.blocks[t - 1](x, z)
+            out[f"block{t}"] = logits
+            z = self.coef_a[t - 1] * self.to_embedding(logits) + self.coef_b[t - 1] * z
+            if generator is not None:
+                eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                z = z + math.sqrt(self.coef_c[t - 1]) * eps
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The BP twin: the chain end to end (sampled path in training; ``read_out`` in eval), then the head."""
         if not self.training:

@@ -251,5 +251,38 @@ def power_trace(summary: Summary) -> Plot:
     return Plot("power", "Power trace (per-epoch energy / epoch training time)", fig, caption, empty=drawn == 0)
 
 
+def layer_accuracy_plot(summary: Summary) -> Plot:
+    """Validation and test accuracy of each layer-local read-out (mean over seeds), one panel per group."""
+    groups = [g for g in summary.groups if any(r.get("layer_accuracy") for r in g.completed)]
+    fig, axes = _grid(len(groups))
+    caption = "Each layer's own read-out of the trained model (MF projection, FF layer goodness, CaFo predictor alone, " \
+        "NoProp block on the read-out chain); mean over seeds, test solid, validation dashed."
+    if not groups:
+        _empty(axes[0], "no layer-local read-outs in these results")
+        caption = "no layer-local read-outs in these results"
+    for ax, g in zip(axes, groups):
+        names: list[str] = []
+        for r in g.completed:
+            for name in r.get("layer_accuracy") or {}:
+                if name not in names:
+                    names.append(name)
+        for split, style in (("test", "-"), ("val", "--")):
+            means = []
+            for name in names:
+                values = [r["layer_accuracy"][name][split] for r in g.completed if name in (r.get("layer_accuracy") or {})]
+                means.append(100 * sum(values) / len(values))
+            ax.plot(range(1, len(names) + 1), means, style, marker="o", label=split)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=30, fontsize=7)
+        ax.set_ylabel("accuracy (%)", fontsize=8)
+        ax.set_title(g.label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return Plot("layers", "Accuracy per layer", fig, caption)
+
+
 def all_plots(summary: Summary) -> list[Plot]:
-    return [training_curves(summary), time_to_accuracy(summary), energy_to_accuracy(summary), pareto(summary), power_trace(summary)]
+    return [
+        training_curves(summary), time_to_accuracy(summary), energy_to_accuracy(summary), pareto(summary),
+        power_trace(summary), layer_accuracy_plot(summary),
+    ]
