@@ -6,6 +6,10 @@ layer by layer) runs ``epochs`` per phase: CaFo greedy on 3 blocks with ``dfa_ep
 would get less than a third of that. :func:`total_epochs` is the sum of the phases' epoch caps,
 read from the algorithm's own ``phases()`` (the single source of its schedule) on a model built on
 the ``meta`` device, which allocates nothing.
+
+A pass counts whatever share of the network it trains: NoProp with ``loop: paper`` trains one block
+per pass, so its T passes are one paper epoch, and a twin given its total trains BP T times as
+long as the paper's epoch count; give such a comparison ``budget: epochs`` or an explicit BP config.
 """
 
 from __future__ import annotations
