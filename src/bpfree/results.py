@@ -158,6 +158,21 @@ class Result(BaseModel):
     train_flops: int | None = None
     eval_flops: int | None = None
     inference_flops_per_sample: float | None = None
+    uncounted_ops: dict[str, int] = Field(
+        default_factory=dict, description="compute-heavy operators met without a FLOP formula (calls counted); not in the FLOP totals"
+    )
+    final_val_accuracy: float | None = Field(None, description="validation accuracy of the weights tested (the stopping rule's restore)")
+    stopping_rule: dict[str, Any] | None = Field(None, description="monitor, restore, min_delta and patience of the run")
+    test_accuracy_by_readout: dict[str, float] | None = Field(
+        None, description="test accuracy under each read-out rule of the model (NoProp: mean, sampled); the headline is config.readout"
+    )
+    layer_accuracy: dict[str, dict[str, float]] | None = Field(
+        None, description="validation and test accuracy of each layer-local read-out (MF projection, FF layer, CaFo predictor, NoProp block)"
+    )
+    flush_denormal: bool | None = Field(None, description="whether subnormal floats were flushed to zero (CPU)")
+    train_cpu_time_s: float | None = Field(None, description="process CPU time inside the training windows")
+    cpu_share: float | None = Field(None, description="training CPU seconds per wall second per thread")
+    contended: bool | None = Field(None, description="a CPU run whose CPU share fell below 0.7: it waited for its cores")
     peak_memory_bytes: int | None = None
     memory_method: str | None = None
     energy_j: float | None = Field(None, description="training energy in joules; null (never 0) where no counter was readable")
