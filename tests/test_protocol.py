@@ -31,8 +31,9 @@ def test_bp_twin_copies_architecture_and_budget_but_not_the_recipe():
                    "eval_batch_size": 500, "patience": 3, "seed": 4, "val_fraction": 0.2, "lr": 0.05, "optimizer": "sgd",
                    "weight_decay": 0.01, "params": {"schedule": "layerwise"}, "name": "mf_x"}
     twin = derive_twin(alternative, {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9})
-    for field in ("dataset", "model", "epochs", "batch_size", "eval_batch_size", "patience", "seed", "val_fraction"):
+    for field in ("dataset", "model", "batch_size", "eval_batch_size", "patience", "seed", "val_fraction"):
         assert twin[field] == alternative[field]
+    assert twin["epochs"] == 2 * 7  # layerwise on 2 layers: as many passes over the data as the alternative
     assert twin["algorithm"] == "bp" and twin["params"] == {} and "name" not in twin
     assert (twin["optimizer"], twin["lr"], twin["weight_decay"]) == ("adam", 1e-3, 0.0)
 

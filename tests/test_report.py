@@ -110,7 +110,7 @@ def test_report_files_hold_tables_and_valid_figures(results_dir):
     assert "skipped zz_later.yaml: algorithm 'not_yet_written' is not registered" in md  # a note, not a crash
     figures = sorted((results_dir / "figures").glob("*.png"))
     energy_measured = any(json.loads(p.read_text())["energy_j"] is not None for p in results_dir.glob("*/result.json"))
-    expected = {"curves", "time_to_accuracy", "pareto"} | ({"energy_to_accuracy", "power"} if energy_measured else set())
+    expected = {"curves", "time_to_accuracy", "pareto", "layers"} | ({"energy_to_accuracy", "power"} if energy_measured else set())
     assert {f.stem for f in figures} == expected
     for figure in figures:
         assert figure.read_bytes().startswith(PNG_MAGIC)

@@ -278,7 +278,7 @@ def layer_accuracy_plot(summary: Summary) -> Plot:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return Plot("layers", "Accuracy per layer", fig, caption)
+    return Plot("layers", "Accuracy per layer (each layer-local read-out)", fig, caption, empty=not groups)
 
 
 def all_plots(summary: Summary) -> list[Plot]:
