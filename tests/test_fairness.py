@@ -243,6 +243,9 @@ def test_a_run_records_init_flushing_cpu_time_and_uncounted_ops(one_thread):
     r = engine.run()
     assert r["config"]["init"] == "prior" and r["config"]["flush_denormal"] is True
     assert isinstance(r["flush_denormal"], bool)
+    from bpfree.meters.cpu import subnormals_flushed
+
+    assert not subnormals_flushed()  # the run's setting does not outlive the run (process-wide state)
     assert r["uncounted_ops"] == {}  # BP on an MLP: every heavy op has a formula
     assert r["train_cpu_time_s"] > 0 and r["cpu_share"] is not None and isinstance(r["contended"], bool)
     row = r["curves"][0]

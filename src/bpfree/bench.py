@@ -24,6 +24,7 @@ from bpfree.capture import CapturedStep
 from bpfree.config import build_config
 from bpfree.data import train_batches
 from bpfree.loop import epoch_clock, evaluate, train_epoch
+from bpfree.meters.cpu import flush_denormal_scope
 from bpfree.meters.energy import EnergyMeter
 from bpfree.meters.environment import cpu_model
 from bpfree.meters.flops import FlopLedger
@@ -102,6 +103,12 @@ def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 10, dt
 
 
 def measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int = 0) -> dict[str, Any]:
+    """One case's epoch time and FLOPs, with subnormals flushed on CPU as in every run (RunConfig default)."""
+    with flush_denormal_scope(True):
+        return _measure(case, dataset, epochs, device, seed)
+
+
+def _measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int = 0) -> dict[str, Any]:
     """Train-epoch and eval throughput for one case (each phase timed separately)."""
     cfg = build_config(
         {
@@ -186,6 +193,11 @@ def reference_bp_epoch(model_spec: str, batch_size: int, dataset: str, device: s
     device, fused Adam, and on CUDA the whole step captured in one CUDA graph (the hardware's pace)."""
     cfg = build_config({"algorithm": "bp", "dataset": dataset, "model": model_spec, "batch_size": batch_size,
                         "device": device, "seed": seed, "checkpoint": False})
+    with flush_denormal_scope(cfg.flush_denormal):
+        return _reference_bp_epoch(cfg, batch_size, epochs)
+
+
+def _reference_bp_epoch(cfg, batch_size: int, epochs: int) -> dict[str, Any]:
     parts = build_run(cfg)
     dev, model, data = parts.device, parts.model, parts.data
     cuda = dev.type == "cuda"

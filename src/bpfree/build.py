@@ -17,7 +17,6 @@ from bpfree.algorithms.base import Algorithm, TrainSettings
 from bpfree.config import RunConfig
 from bpfree.data import Splits, load_dataset
 from bpfree.errors import UserError
-from bpfree.meters.cpu import apply_flush_denormal
 from bpfree.models import build_model
 
 
@@ -52,7 +51,6 @@ class RunParts:
     data_generator: torch.Generator
     algorithm_generator: torch.Generator
     autocast: contextlib.AbstractContextManager
-    flush_denormal: bool = False  # whether subnormals are flushed to zero (CPU), as configured and supported
 
     @property
     def model(self) -> torch.nn.Module:
@@ -63,7 +61,6 @@ def build_run(cfg: RunConfig) -> RunParts:
     device = resolve_device(cfg.device)
     seeds = derived_seeds(cfg.seed)
     algorithm_cls = get_algorithm(cfg.algorithm)  # RunConfig has judged the algorithm x model pair
-    flush_denormal = apply_flush_denormal(cfg.flush_denormal)
     seed_everything(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.val_fraction).to(device)
     torch.manual_seed(seeds["model_init"])
@@ -84,4 +81,4 @@ def build_run(cfg: RunConfig) -> RunParts:
     # run's device; parameters keep their identity, so optimisers built in __init__ still hold them.
     algorithm.modules().to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    return RunParts(cfg, device, seeds, data, algorithm, data_generator, algorithm_generator, autocast, flush_denormal)
+    return RunParts(cfg, device, seeds, data, algorithm, data_generator, algorithm_generator, autocast)

@@ -24,6 +24,7 @@ from bpfree.capture import CapturedStep
 from bpfree.config import RunConfig
 from bpfree.errors import UserError
 from bpfree.loop import EpochOutcome, epoch_clock, evaluate, layer_accuracy, train_epoch
+from bpfree.meters.cpu import flush_denormal_scope
 from bpfree.meters.energy import EnergyMeter, merge_components
 from bpfree.meters.flops import FlopLedger
 from bpfree.meters.memory import MemoryMeter
@@ -127,6 +128,7 @@ class Engine:
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.captured_step = CapturedStep(self.algorithm, (self.algorithm_generator,))
         self.test_accuracy_by_readout: dict[str, float] | None = None
+        self.flush_denormal = False  # whether subnormals were flushed during the run (set by run)
         self.layer_accuracy: dict[str, dict[str, float]] | None = None
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -202,6 +204,12 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        # Subnormal flushing (cfg.flush_denormal) holds for the run only: it is process-wide CPU state.
+        with flush_denormal_scope(self.cfg.flush_denormal) as flushing:
+            self.flush_denormal = flushing
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         resumed = self._load_checkpoint()
         st = self.state
         train_flops = FlopLedger(st.train_flops, st.flops_per_step, st.uncounted_ops)

@@ -101,7 +101,7 @@ def result_record(
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "environment": environment(engine.device),
         "torch_threads": torch.get_num_threads(),
-        "flush_denormal": engine.parts.flush_denormal,
+        "flush_denormal": engine.flush_denormal,
         **training_cpu_share(st.train_time_s, st.train_cpu_time_s, torch.get_num_threads(), engine.device.type),
     }
 

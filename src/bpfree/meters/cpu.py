@@ -13,8 +13,10 @@ the cores, and its wall time says more about the machine than about the algorith
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,24 @@ def apply_flush_denormal(enabled: bool) -> bool:
     """Set subnormal flushing for this process; True when the setting is in force (CPU supports it)."""
     supported = torch.set_flush_denormal(enabled)
     return bool(enabled and supported)
+
+
+def subnormals_flushed() -> bool:
+    """Whether this process currently flushes subnormals (torch has no getter: probe one)."""
+    return torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() == 0.0
+
+
+@contextlib.contextmanager
+def flush_denormal_scope(enabled: bool) -> Iterator[bool]:
+    """Flush subnormals (or not) inside the block, restoring the process's previous setting after it.
+
+    The setting is process-wide CPU state; a run must not leave it changed for the code that follows.
+    """
+    previous = subnormals_flushed()
+    try:
+        yield apply_flush_denormal(enabled)
+    finally:
+        torch.set_flush_denormal(previous)
 
 
 def load_average() -> float | None:
