@@ -1,0 +1,143 @@
+"""Executors: inline (this process), local (one process per run) and submitit (Slurm, local, debug)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from bpfree.errors import UserError
+from bpfree.protocol.suite.lock import output_lock
+from bpfree.protocol.suite.planning import Plan, Task
+from bpfree.protocol.suite.slurm import SlurmOptions
+from bpfree.protocol.suite.tasks import SubmititRun, run_task
+from bpfree.results import ensure_writable_dir
+
+EXECUTORS = ("local", "inline", "slurm", "submitit-local", "debug")
+_SUBMITIT_CLUSTER = {"slurm": "slurm", "submitit-local": "local", "debug": "debug"}
+
+Callback = Callable[[Task, dict[str, Any]], None]
+
+
+def _threads_per_run(jobs: int) -> int:
+    from bpfree.meters.environment import allocated_cpus
+
+    return max(1, allocated_cpus() // max(1, jobs))
+
+
+def _run_inline(tasks: Sequence[Task], threads: int | None, on_done: Callback) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for task in tasks:
+            on_done(task, run_task(task.config, str(task.run_dir), threads))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_local(tasks: Sequence[Task], jobs: int, threads: int | None, on_done: Callback) -> None:
+    """Each run in its own process (a fresh child per run), at most ``jobs`` at a time."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["bpfree.protocol.warm"])  # children fork from a warm server
+    kwargs: dict[str, Any] = {"max_workers": max(1, jobs), "mp_context": context}
+    if sys.version_info >= (3, 11):
+        kwargs["max_tasks_per_child"] = 1
+    threads = threads or _threads_per_run(jobs)
+    with ProcessPoolExecutor(**kwargs) as pool:
+        futures = {pool.submit(run_task, t.config, str(t.run_dir), threads): t for t in tasks}
+        try:
+            for future in as_completed(futures):
+                task = futures[future]
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
+                    outcome = {"ok": False, "run_dir": str(task.run_dir), "error": f"worker process failed: {type(exc).__name__}: {exc}"}
+                on_done(task, outcome)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _run_submitit(tasks: Sequence[Task], cluster: str, output: Path, jobs: int, options: SlurmOptions, wait: bool, on_done: Callback) -> list[str]:
+    folder = Path(output) / ".submitit" / "%j"
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except RuntimeError as exc:  # e.g. no srun: not on a Slurm cluster
+        raise UserError(f"--executor {cluster}: {str(exc).splitlines()[0]}; use --executor local here") from None
+    params = options.parameters()
+    if cluster == "slurm" and options.array_parallelism is None:
+        params["slurm_array_parallelism"] = max(1, jobs) if jobs > 1 else 64
+    if cluster != "slurm":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    try:
+        executor.update_parameters(**params)
+    except (NameError, AssertionError, ValueError) as exc:
+        raise UserError(f"slurm options: {str(exc).splitlines()[0]}") from None
+    threads = options.cpus if options.cpus else None
+    job_list = executor.map_array(
+        SubmititRun(), [t.config for t in tasks], [str(t.run_dir) for t in tasks], [threads] * len(tasks)
+    )
+    ids = [str(job.job_id) for job in job_list]
+    if wait:
+        for task, job in zip(tasks, job_list):
+            try:
+                outcome = job.result()
+            except Exception as exc:  # noqa: BLE001 - job failed outside run_task (time limit, node failure)
+                outcome = {"ok": False, "run_dir": str(task.run_dir), "error": f"job {job.job_id} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"}
+            on_done(task, outcome)
+    return ids
+
+
+@dataclass
+class SuiteOutcome:
+    plan: Plan
+    outcomes: list[tuple[Task, dict[str, Any]]]
+    job_ids: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[tuple[Task, dict[str, Any]]]:
+        return [(t, o) for t, o in self.outcomes if not o.get("ok")]
+
+
+def execute_plan(
+    plan: Plan,
+    executor: str = "local",
+    jobs: int = 1,
+    slurm: SlurmOptions | None = None,
+    wait: bool = True,
+    on_done: Callback | None = None,
+    threads: int | None = None,
+) -> SuiteOutcome:
+    """Run the plan's tasks; ``threads`` is torch's thread count per run (default: CPUs / jobs)."""
+    if executor not in EXECUTORS:
+        raise UserError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: must be >= 1")
+    ensure_writable_dir(plan.output)
+    outcomes: list[tuple[Task, dict[str, Any]]] = []
+
+    def record(task: Task, outcome: dict[str, Any]) -> None:
+        outcomes.append((task, outcome))
+        if on_done is not None:
+            on_done(task, outcome)
+
+    if not plan.tasks:
+        return SuiteOutcome(plan, outcomes)
+    job_ids: list[str] = []
+    with output_lock(plan.output):
+        if executor == "inline":
+            _run_inline(plan.tasks, threads, record)
+        elif executor == "local":
+            _run_local(plan.tasks, jobs, threads, record)
+        else:
+            job_ids = _run_submitit(plan.tasks, _SUBMITIT_CLUSTER[executor], plan.output, jobs, slurm or SlurmOptions(), wait, record)
+    return SuiteOutcome(plan, outcomes, job_ids)
+

@@ -1,0 +1,96 @@
+"""Planning: which runs of a suite are complete (skipped), interrupted (resumed) or new.
+
+Identity is the config key (``RunConfig.key()``, seed included). Before anything runs, the output
+directory is scanned: a key with a result.json is skipped; a key with an interrupted run directory
+(config.json, maybe checkpoint.pt, no result.json) is resumed in that directory; every other key
+gets a fresh run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bpfree.config import RunConfig, run_label
+from bpfree.errors import UserError
+from bpfree.results import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE, new_run_id
+
+
+@dataclass
+class Task:
+    key: str
+    label: str
+    config: dict[str, Any]
+    run_dir: Path
+    action: str  # "new" | "resume"
+
+
+@dataclass
+class Plan:
+    output: Path
+    tasks: list[Task]
+    skipped: list[tuple[RunConfig, Path]]  # already complete: (config, its run directory)
+
+    @property
+    def total(self) -> int:
+        return len(self.tasks) + len(self.skipped)
+
+
+label = run_label
+
+
+def scan_output(output: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(key -> completed run dir, key -> interrupted run dir) for the run directories in ``output``."""
+    from bpfree.runner import load_run_config
+
+    done: dict[str, Path] = {}
+    interrupted: dict[str, Path] = {}
+    if not Path(output).is_dir():
+        return done, interrupted
+    for run_dir in sorted(p for p in Path(output).iterdir() if p.is_dir()):
+        result_path = run_dir / RESULT_FILE
+        if result_path.is_file():
+            try:
+                key = json.loads(result_path.read_text()).get("config_key")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                continue
+            if key:
+                done.setdefault(key, run_dir)
+            continue
+        if not (run_dir / CONFIG_FILE).is_file():
+            continue
+        try:
+            key = load_run_config(run_dir).key()
+        except UserError:
+            continue  # not ours to judge (e.g. an algorithm no longer registered): leave it alone
+        previous = interrupted.get(key)
+        if previous is None or _progress_mtime(run_dir) > _progress_mtime(previous):
+            interrupted[key] = run_dir
+    return done, interrupted
+
+
+def _progress_mtime(run_dir: Path) -> tuple[bool, float]:
+    """Which of two interrupted attempts at one run to continue: one with a checkpoint, the newest."""
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if checkpoint.exists():
+        return True, checkpoint.stat().st_mtime
+    return False, (run_dir / CONFIG_FILE).stat().st_mtime
+
+
+def make_plan(configs: Sequence[RunConfig], output: Path) -> Plan:
+    output = Path(output)
+    done, interrupted = scan_output(output)
+    tasks, skipped = [], []
+    for cfg in configs:
+        key = cfg.key()
+        if key in done:
+            skipped.append((cfg, done[key]))
+        elif key in interrupted:
+            tasks.append(Task(key, label(cfg), cfg.model_dump(mode="json"), interrupted[key], "resume"))
+        else:
+            tasks.append(Task(key, label(cfg), cfg.model_dump(mode="json"), output / new_run_id(cfg), "new"))
+    return Plan(output, tasks, skipped)
+
