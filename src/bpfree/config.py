@@ -35,7 +35,7 @@ from bpfree.errors import ConfigError
 
 # Fields that say where or how to store (or resume) a run, not what the run computes: they do not
 # enter the run's identity key, so changing them never makes a finished run count as new.
-NON_IDENTITY_FIELDS = ("output", "data_root", "download", "name", "checkpoint")
+NON_IDENTITY_FIELDS = ("output", "data_root", "download", "name", "checkpoint", "verify_checksums")
 
 # Each model family's native architecture: what an algorithm trains when no model is given.
 # An algorithm's native family is the first of its ``model_families``.
@@ -90,6 +90,9 @@ class RunConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_root: Path | None = Field(None, description="directory holding torchvision datasets")
     download: StrictBool = Field(False, description="let torchvision download missing datasets")
+    verify_checksums: StrictBool = Field(
+        True, description="check dataset files against their official md5 sums (CIFAR); false only for a re-packed copy you trust"
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share of the training set (not MNIST: fixed 50k/10k)")
     amp: StrictBool = Field(False, description="bf16 autocast for training and evaluation steps (meant for GPUs)")
     channels_last: StrictBool = Field(False, description="channels-last memory format for images and conv weights")
@@ -138,6 +141,11 @@ class RunConfig(BaseModel):
 
         parse_model_spec(value)  # raises ValueError with the accepted forms
         return value
+
+    @field_validator("output", "data_root")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
     @field_validator("params")
     @classmethod

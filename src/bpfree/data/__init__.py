@@ -6,6 +6,7 @@ the hot loop has no DataLoader, no worker processes and no host-device copies.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from bpfree.data.augment import random_crop_flip
+from bpfree.errors import DataError
 from bpfree.registry import Registry
 
 
@@ -90,8 +92,8 @@ def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
     return (n + batch_size - 1) // batch_size
 
 
-# name -> loader(data_root, download, val_fraction) returning CPU splits
-DatasetLoader = Callable[[Path | None, bool, float], Splits]
+# name -> loader(data_root, download, val_fraction[, verify_checksums=...]) returning CPU splits
+DatasetLoader = Callable[..., Splits]
 DATASETS: Registry[DatasetLoader] = Registry("dataset", plugin_group="bpfree.datasets")
 
 
@@ -105,13 +107,42 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(
-    name: str, data_root: Path | None = None, download: bool = False, val_fraction: float = 0.1
+    name: str,
+    data_root: Path | None = None,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    verify_checksums: bool = True,
 ) -> Splits:
-    """Load a registered dataset onto the CPU (call ``.to(device)`` on the result).
+    """Load a registered dataset onto the CPU (call ``.to(device)`` on the result), checked by ``validate_splits``.
 
     An unknown name raises a one-line ConfigError listing the registered datasets.
     """
-    return DATASETS.get(name)(data_root, download, val_fraction)
+    loader = DATASETS.get(name)
+    if "verify_checksums" in inspect.signature(loader).parameters:
+        splits = loader(data_root, download, val_fraction, verify_checksums=verify_checksums)
+    else:  # a loader with nothing to verify (a plugin's own format)
+        splits = loader(data_root, download, val_fraction)
+    validate_splits(splits, f"dataset {name}" + (f" under {data_root}" if data_root is not None else ""))
+    return splits
+
+
+def validate_splits(splits: Splits, where: str) -> None:
+    """Refuse data that would train or score silently wrong: every split non-empty, every image of
+    one shape, every label an int64 class index in [0, num_classes), one label per image."""
+    spec = splits.spec
+    for split in ("train", "val", "test"):
+        x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
+        if x.shape[0] == 0:
+            raise DataError(f"{where}: the {split} split is empty; the dataset is too small for a {split} split")
+        if tuple(x.shape[1:]) != tuple(spec.input_shape):
+            raise DataError(
+                f"{where}: {split} images have shape {tuple(x.shape[1:])}, expected {tuple(spec.input_shape)} like the training images"
+            )
+        if y.dtype != torch.int64 or y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{where}: {split} labels must be one int64 class index per image ({y.shape[0]} labels, {x.shape[0]} images)")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= spec.num_classes:
+            raise DataError(f"{where}: {split} labels range over [{low}, {high}], expected class indices in [0, {spec.num_classes})")
 
 
 # The built-in datasets (each module registers its loaders on import).

