@@ -333,7 +333,9 @@ def print_report(report, full: bool = False, fmt: OutputFormat = OutputFormat.ta
             out.print(rich_table(data))
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    console.print(f"report: {report.markdown}  {report.html}", highlight=False)
+    from bpfree.results import printable_path
+
+    console.print(f"report: {printable_path(report.markdown)}  {printable_path(report.html)}", highlight=False)
 
 
 @app.command()

@@ -7,12 +7,13 @@ import os
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from bpfree.config import RunConfig
 from bpfree.errors import UserError
@@ -67,7 +68,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    # backslashreplace: a path with undecodable bytes (surrogate escapes) in a report is shown escaped
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8", "backslashreplace")))
 
 
 def atomic_write_bytes(path: Path, blob: bytes) -> None:
@@ -83,32 +85,157 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def ensure_writable_dir(path: Path) -> Path:
-    """Create the results directory or fail with one line saying why."""
-    path = Path(path)
+def ensure_writable_dir(path: Path, flag: str = "--output") -> Path:
+    """Create the results directory or fail with one line saying why (naming the ``flag`` that chose it)."""
+    path = Path(path).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
         probe.close()
     except OSError as exc:
-        raise UserError(f"output directory {path}: not writable ({exc.strerror or exc}); choose another with --output") from None
+        raise UserError(f"output directory {printable_path(path)}: not writable ({exc.strerror or exc}); choose another with {flag}") from None
     return path
 
 
-def iter_results(directory: Path) -> Iterator[dict[str, Any]]:
-    """Every readable result.json under ``directory`` (unreadable ones are skipped, never rewritten)."""
-    directory = Path(directory)
-    for path in sorted(directory.glob(f"*/{RESULT_FILE}")):
+# -- the result record schema: what readers (report, compare, suite) may rely on ----------------------
+_RECORD = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+Share = Field(None, ge=0, le=1)
+NonNegative = Field(None, ge=0)
+
+
+class CurveRecord(BaseModel):
+    """One epoch of a run's curve."""
+
+    model_config = _RECORD
+    phase: str | None = None
+    epoch: int | None = Field(None, ge=0)
+    train_loss: float | None = None
+    val_accuracy: float | None = Share
+    epoch_time_s: float | None = NonNegative
+    eval_time_s: float | None = NonNegative
+    energy_j: float | None = NonNegative
+    cumulative_train_time_s: float | None = NonNegative
+    cumulative_energy_j: float | None = NonNegative
+
+
+class ConfigRecord(BaseModel):
+    """The stored config: the fields reports group, sort and pair by."""
+
+    model_config = _RECORD
+    algorithm: str | None = None
+    dataset: str | None = None
+    model: str | None = None
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    patience: int | None = Field(None, ge=1)
+    val_fraction: float | None = Field(None, gt=0, lt=1)
+    device: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResultRecord(BaseModel):
+    """A ``result.json`` as readers may rely on it; anything else is a malformed record, skipped and named."""
+
+    model_config = _RECORD
+    run_id: str = Field(min_length=1)
+    status: str = Field(min_length=1)
+    reason: str | None = None
+    algorithm: str = Field(min_length=1)
+    dataset: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    seed: int = Field(ge=0)
+    config: ConfigRecord
+    config_key: str | None = None
+    test_accuracy: float | None = Share
+    best_val_accuracy: float | None = Field(None, ge=-1, le=1)
+    epochs_run: int = Field(0, ge=0)
+    curves: list[CurveRecord] = Field(default_factory=list)
+    train_time_s: float = Field(ge=0)
+    eval_time_s: float = Field(0.0, ge=0)
+    train_flops: float | None = NonNegative
+    eval_flops: float | None = NonNegative
+    peak_memory_bytes: float | None = NonNegative
+    energy_j: float | None = NonNegative
+    eval_energy_j: float | None = NonNegative
+    energy_method: str | None = None
+    energy_reason: str | None = None
+    memory_method: str | None = None
+    paper: str | None = None
+    deviations: list[str] = Field(default_factory=list)
+    environment: dict[str, Any] = Field(default_factory=dict)
+    resumed: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_text(cls, data: Any) -> Any:
         try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError, UnicodeEncodeError):
+            raise ValueError("holds text that is not valid UTF-8") from None
+        return data
+
+
+def check_record(record: Any) -> str | None:
+    """None for a record that follows the schema, else one line saying what is wrong."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    try:
+        ResultRecord.model_validate(record)
+    except ValidationError as exc:
+        problems = []
+        for item in exc.errors()[:3]:
+            where = ".".join(str(p) for p in item["loc"]) or "record"
+            problems.append(f"{where}: {item['msg']}")
+        return "; ".join(problems).encode("ascii", "backslashreplace").decode()
+    return None
+
+
+def printable_path(path: Path) -> str:
+    """A path as text that can always be printed and written (undecodable bytes shown escaped)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class ResultSet:
+    """The valid records of a results directory, and the files that were skipped with the reason."""
+
+    records: list[dict[str, Any]]
+    rejected: list[tuple[Path, str]]
+
+    def rejected_note(self) -> str | None:
+        """One line naming every skipped run directory and why."""
+        if not self.rejected:
+            return None
+        shown = "; ".join(f"{printable_path(Path(p.parent.name))}/{RESULT_FILE} ({why})" for p, why in self.rejected)
+        return f"skipped {len(self.rejected)} malformed result record(s), not counted: {shown}"
+
+
+def read_results(directory: Path) -> ResultSet:
+    """Every result.json under ``directory``, checked against the schema (files are never rewritten)."""
+    records: list[dict[str, Any]] = []
+    rejected: list[tuple[Path, str]] = []
+    for path in sorted(Path(directory).glob(f"*/{RESULT_FILE}")):
+        try:
+            record = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            rejected.append((path, f"unreadable: {type(exc).__name__}"))
             continue
-        if isinstance(record, dict) and "run_id" in record:
-            yield record
+        problem = check_record(record)
+        if problem is None:
+            records.append(record)
+        else:
+            rejected.append((path, problem))
+    return ResultSet(records, rejected)
+
+
+def iter_results(directory: Path) -> Iterator[dict[str, Any]]:
+    """Every valid result record under ``directory`` (malformed ones are skipped; see ``read_results``)."""
+    yield from read_results(directory).records
 
 
 def load_results(directory: Path) -> list[dict[str, Any]]:
-    return list(iter_results(directory))
+    return read_results(directory).records
 
 
 class CurvePoint(BaseModel):

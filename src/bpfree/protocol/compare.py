@@ -197,6 +197,16 @@ def auto_jobs() -> int:
     return max(1, min(4, allocated_cpus()))
 
 
+def every_run_failed(suite: SuiteOutcome) -> str:
+    """One line: every run failed, with each distinct reason (most common first) and an example run."""
+    reasons: dict[str, list[str]] = {}
+    for task, outcome in suite.failed:
+        reasons.setdefault(str(outcome.get("error") or "unknown error"), []).append(task.label)
+    ordered = sorted(reasons.items(), key=lambda kv: -len(kv[1]))
+    why = "; ".join(f"{len(labels)}x {error} (e.g. {labels[0]})" for error, labels in ordered[:3])
+    return f"every run failed ({len(suite.failed)} of {len(suite.outcomes)}): {why}"
+
+
 def compare(
     configs: Sequence[Path] | None = None,
     output: Path = Path("results/compare"),
@@ -228,6 +238,8 @@ def compare(
     notes = list(cset.notes)
     for task, outcome in suite.failed:
         notes.append(f"run failed: {task.label} ({task.run_dir.name}): {outcome.get('error')}")
+    if suite.outcomes and len(suite.failed) == len(suite.outcomes) and not plan.skipped:
+        raise UserError(every_run_failed(suite))
     write_notes(Path(output), notes, {"configs": [str(p) for p in paths], "seeds": list(seeds), "budget": budget})
     report = write_report(Path(output), notes=notes)
     return CompareOutcome(plan, suite, notes, report)

@@ -27,7 +27,14 @@ from bpfree.report.aggregate import (
     epoch_budget,
     summarize,
 )
-from bpfree.results import atomic_write_json, atomic_write_text, ensure_writable_dir, load_results
+from bpfree.results import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    printable_path,
+    read_results,
+)
 
 TABLES_DIR = "tables"
 NOTES_FILE = "compare.json"  # optional notes left by `bpfree compare` (skipped pairs, failures)
@@ -356,9 +363,9 @@ th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
 def _header_lines(results_dir: Path, summary: Summary) -> list[str]:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return [
-        f"Results directory: `{results_dir}`; {len(summary.results)} runs in {len(summary.groups)} configurations; generated {stamp}.",
+        f"Results directory: `{printable_path(results_dir)}`; {len(summary.results)} runs in {len(summary.groups)} configurations; generated {stamp}.",
         "Every number below is computed from the stored `result.json` files; rebuild with `bpfree report "
-        f"{results_dir}`.",
+        f"{printable_path(results_dir)}`.",
     ]
 
 
@@ -444,12 +451,17 @@ def write_report(
 
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise UserError(f"results directory {results_dir}: not found")
-    results = load_results(results_dir)
+        raise UserError(f"results directory {printable_path(results_dir)}: not found")
+    found = read_results(results_dir)
+    results = found.records
     if not results:
-        raise UserError(f"results directory {results_dir}: no result.json files (run `bpfree compare` or `bpfree suite` first)")
-    out_dir = ensure_writable_dir(out_dir or results_dir)
+        why = f"; {found.rejected_note()}" if found.rejected else ""
+        raise UserError(f"results directory {printable_path(results_dir)}: no valid result.json files (run `bpfree compare` or `bpfree suite` first){why}")
+    out_dir = ensure_writable_dir(out_dir or results_dir, flag="--out" if out_dir is not None else "--output")
     all_notes = list(notes) if notes is not None else read_notes(results_dir)
+    rejected = found.rejected_note()
+    if rejected is not None:
+        all_notes.append(rejected)
     summary = summarize(results, ci=ci)
     duplicated = [g.label for g in summary.groups if g.duplicate_seeds]
     if duplicated:
@@ -458,27 +470,34 @@ def write_report(
         )
     tables = build_tables(summary)
     fig_dir = out_dir / FIGURES_DIR
-    fig_dir.mkdir(parents=True, exist_ok=True)
     md_figs, html_figs, paths = [], [], []
-    left_out: dict[str, list[str]] = {}
-    for plot in plots.all_plots(summary):
-        if plot.empty:  # no data to draw: left out, its reason stated once below
-            plots.plt.close(plot.figure)
-            left_out.setdefault(plot.caption or "no data", []).append(plot.title)
-            continue
-        png, svg = plot.render()
-        path = fig_dir / f"{plot.name}.png"
-        path.write_bytes(png)
-        (fig_dir / f"{plot.name}.svg").write_bytes(svg)
-        paths.append(path)
-        md_figs.append((f"{FIGURES_DIR}/{plot.name}.png", plot.title, plot.caption))
-        html_figs.append((plot.name, plot.title, png, plot.caption))
-    for reason, titles in left_out.items():
-        all_notes.append(f"figures left out ({', '.join(titles)}): {reason}")
-    for table in tables:  # every table also as CSV, linked from report.html
-        write_table_csv(out_dir / TABLES_DIR / f"{table_slug(table)}.csv", table)
-    header = _header_lines(results_dir, summary)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    atomic_write_text(md_path, render_markdown(title, header, all_notes, tables, md_figs))
-    atomic_write_text(html_path, render_html(title, header, all_notes, tables, html_figs))
+    try:
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        left_out: dict[str, list[str]] = {}
+        for plot in plots.all_plots(summary):
+            if plot.empty:  # no data to draw: left out, its reason stated once below
+                plots.plt.close(plot.figure)
+                left_out.setdefault(plot.caption or "no data", []).append(plot.title)
+                continue
+            png, svg = plot.render()
+            path = fig_dir / f"{plot.name}.png"
+            atomic_write_bytes(path, png)  # a full disk leaves the previous figure, never half a new one
+            atomic_write_bytes(fig_dir / f"{plot.name}.svg", svg)
+            paths.append(path)
+            md_figs.append((f"{FIGURES_DIR}/{plot.name}.png", plot.title, plot.caption))
+            html_figs.append((plot.name, plot.title, png, plot.caption))
+        for reason, titles in left_out.items():
+            all_notes.append(f"figures left out ({', '.join(titles)}): {reason}")
+        for table in tables:  # every table also as CSV, linked from report.html
+            write_table_csv(out_dir / TABLES_DIR / f"{table_slug(table)}.csv", table)
+        header = _header_lines(results_dir, summary)
+        atomic_write_text(md_path, render_markdown(title, header, all_notes, tables, md_figs))
+        atomic_write_text(html_path, render_html(title, header, all_notes, tables, html_figs))
+    except OSError as exc:
+        flag = "--out" if out_dir != results_dir else "--output"
+        raise UserError(
+            f"report in {printable_path(out_dir)}: cannot write ({exc.strerror or exc}); the results are intact, "
+            f"rerun `bpfree report` with space or another {flag}"
+        ) from None
     return Report(summary, tables, md_path, html_path, paths, all_notes)

@@ -55,7 +55,7 @@ def scan_output(output: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         if result_path.is_file():
             try:
                 key = json.loads(result_path.read_text()).get("config_key")
-            except (OSError, json.JSONDecodeError, AttributeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
                 continue
             if key:
                 done.setdefault(key, run_dir)
