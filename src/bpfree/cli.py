@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -64,6 +65,36 @@ def root(
     """Train with backpropagation-free algorithms and measure them side by side with backprop."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+class Interrupted(Exception):
+    """Ctrl-C inside a command, carried past typer (which would turn it into a silent exit 130)."""
+
+
+# What to tell the user if Ctrl-C arrives now; commands update it as they go.
+_on_interrupt = {"message": "interrupted"}
+
+
+def interruptible(command):
+    """Turn Ctrl-C in a command body into ``Interrupted`` with the command's own advice."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        _on_interrupt["message"] = "interrupted"
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted(_on_interrupt["message"]) from None
+
+    return wrapper
+
+
+def _announce_run(run_dir: Path) -> None:
+    from bpfree.results import printable_path
+
+    shown = printable_path(run_dir)
+    console.print(f"run directory: {shown}", highlight=False, soft_wrap=True)
+    _on_interrupt["message"] = f"interrupted; continue with `bpfree resume {shown}`"
 
 
 @contextmanager
@@ -165,6 +196,7 @@ def print_run(result: dict[str, Any], run_dir: Path, fmt: OutputFormat) -> None:
 
 
 @app.command()
+@interruptible
 def run(
     config: Optional[Path] = typer.Argument(None, help="YAML config; flags override its fields"),
     algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="bp, mf, ff, cafo, noprop (see `bpfree list`)"),
@@ -209,7 +241,7 @@ def run(
     }
     cfg = load_config(config, overrides, set_)
     with epoch_progress(run_label(cfg), enabled=not quiet) as update:
-        run_dir, result = execute(cfg, progress=update, keep_checkpoint=keep_checkpoint, step_progress=update)
+        run_dir, result = execute(cfg, progress=update, keep_checkpoint=keep_checkpoint, step_progress=update, on_start=_announce_run)
     if mlflow:
         from bpfree.tracking import log_to_mlflow
 
@@ -218,6 +250,7 @@ def run(
 
 
 @app.command()
+@interruptible
 def resume(
     run_dir: Path = typer.Argument(..., help="an interrupted run's directory (holds config.json, checkpoint.pt)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -227,11 +260,12 @@ def resume(
     from bpfree.runner import resume as resume_run
 
     with epoch_progress(f"resume {run_dir.name}", enabled=not quiet) as update:
-        path, result = resume_run(run_dir, progress=update, step_progress=update)
+        path, result = resume_run(run_dir, progress=update, step_progress=update, on_start=_announce_run)
     print_run(result, path, fmt)
 
 
 @app.command()
+@interruptible
 def bench(
     dataset: str = typer.Option("mnist5k", help="dataset to time on"),
     epochs: int = typer.Option(3, min=1, help="timed epochs per case (after one warm-up epoch)"),
@@ -243,6 +277,10 @@ def bench(
     from bpfree.bench import default_cases, markdown, run_bench, write_benchmarks_md
     from bpfree.build import resolve_device
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r}: choose auto, cpu or cuda")
+    if write is not None:
+        check_benchmarks_target(write)
     all_cases = default_cases(resolve_device(device))
     wanted = {name.lower() for name in only}
     cases = tuple(c for c in all_cases if not wanted or c.label.lower() in wanted or c.algorithm in wanted)
@@ -256,6 +294,29 @@ def bench(
     if write is not None:
         write_benchmarks_md(write, section)
         out.print(f"updated {write}")
+
+
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def check_benchmarks_target(path: Path) -> None:
+    """Refuse a --write target that cannot take the generated block, before anything is measured."""
+    if path.is_dir():
+        raise UserError(f"--write {path}: is a directory; name a Markdown file such as BENCHMARKS.md")
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise UserError(f"--write {path}: folder {path.parent} does not exist")
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--write {path}: cannot read it ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+    starts, ends = text.count(BENCH_START), text.count(BENCH_END)
+    if starts > 1 or ends > 1 or starts != ends or (starts and text.index(BENCH_END) < text.index(BENCH_START)):
+        raise UserError(
+            f"--write {path}: needs one {BENCH_START} followed by one {BENCH_END} (or neither); "
+            f"found {starts} start and {ends} end markers"
+        )
 
 
 @app.command("list")
@@ -339,6 +400,7 @@ def print_report(report, full: bool = False, fmt: OutputFormat = OutputFormat.ta
 
 
 @app.command()
+@interruptible
 def compare(
     configs: list[Path] = typer.Option([], "--configs", "-c", help="config files or directories (default: configs/quick)"),
     dataset: list[str] = typer.Option([], "--dataset", "-d", help="run the comparison on these datasets (repeatable; default: each config's own)"),
@@ -364,6 +426,7 @@ def compare(
     from bpfree.config import parse_seeds
     from bpfree.protocol.compare import compare as run_compare
 
+    _on_interrupt["message"] = f"interrupted; rerun the same command to continue (finished runs in {output} are kept)"
     start = time.perf_counter()
     common = {"device": device, "data_root": str(data_root) if data_root else None}
     with runs_progress(not quiet) as (on_plan, on_done):
@@ -391,6 +454,7 @@ def compare(
 
 
 @app.command()
+@interruptible
 def tune(
     config: Path = typer.Argument(..., help="the config to tune (never modified)"),
     trials: int = typer.Option(20, "--trials", "-n", help="trials for this study (the same for every algorithm)"),
@@ -411,6 +475,7 @@ def tune(
             shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
             console.print(f"trial {number}: val {value:.4f}  {shown}", highlight=False)
 
+    _on_interrupt["message"] = "interrupted; rerun the same command to continue the study (completed trials are kept)"
     result = run_tune(config, trials, epochs, output, storage, study_name, seed, out_path, set_, on_trial)
     out.print(
         f"study {result.study_name} ({result.storage}): {result.completed} trials x {result.epochs} epochs; "
@@ -421,6 +486,7 @@ def tune(
 
 
 @app.command()
+@interruptible
 def suite(
     suite_file: Path = typer.Argument(..., help="suite YAML: configs, seeds, overrides, output"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="results directory (default: the suite's, else results/<suite stem>)"),
@@ -445,6 +511,7 @@ def suite(
     from bpfree.protocol.suite import SlurmOptions, run_suite
     from bpfree.report.render import write_report
 
+    _on_interrupt["message"] = "interrupted; rerun the same command to continue (finished runs are kept, interrupted ones resume)"
     options = SlurmOptions(partition, account, gpus, time_min, cpus, mem_gb)
     seed_list = parse_seeds(seeds, "--seeds")
     with runs_progress(not quiet or dry_run) as (on_plan, on_done):
@@ -465,6 +532,7 @@ def suite(
 
 
 @app.command()
+@interruptible
 def report(
     results_dir: Path = typer.Argument(..., help="a results directory (holds <run_id>/result.json)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="where report.md, report.html and figures/ go (default: results_dir)"),
@@ -542,8 +610,8 @@ def main() -> None:
     except UserError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted; an interrupted run continues with `bpfree resume <run_dir>`")
+    except (Interrupted, KeyboardInterrupt) as exc:
+        console.print(str(exc) or "interrupted", highlight=False, soft_wrap=True)
         sys.exit(130)
 
 

@@ -139,6 +139,7 @@ class RunConfig(BaseModel):
     def _parsable_model(cls, value: str) -> str:
         from bpfree.models import parse_model_spec
 
+        value = "".join(value.split()).lower()  # one spelling per architecture: no whitespace, lower case
         parse_model_spec(value)  # raises ValueError with the accepted forms
         return value
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,9 +27,25 @@ CHECKPOINT_FILE = "checkpoint.pt"
 SCHEMA_VERSION = 1
 
 
+MODEL_ID_CHARS = 32  # the model part of a run id; longer specs are cut and hashed
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, read-only, quota): one line naming the file."""
+
+
+def model_id(spec: str) -> str:
+    """The model spec as a short folder-name part: [a-z0-9.=-] only, cut and hashed when long."""
+    text = re.sub(r"[^a-z0-9.=-]+", "-", spec.lower().replace(":", "").replace(",", "-")).strip("-.") or "model"
+    if len(text) <= MODEL_ID_CHARS:
+        return text
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:8]
+    return f"{text[: MODEL_ID_CHARS - 9].rstrip('-.')}-{digest}"
+
+
 def new_run_id(cfg: RunConfig) -> str:
     """algorithm-dataset-model-seed-key-time-random: unique across seeds, processes and machines."""
-    model = cfg.model.replace(":", "").replace(",", "-")
+    model = model_id(cfg.model)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return f"{cfg.algorithm}-{cfg.dataset}-{model}-s{cfg.seed}-{cfg.key()[:8]}-{stamp}-{secrets.token_hex(3)}"
 
@@ -50,8 +69,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     not the 0600 of a temporary file, so colleagues on a shared cluster can read results.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"{printable_path(path)}: cannot write ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -59,11 +81,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)  # atomic on POSIX
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):  # disk full, quota, read-only: the old file (if any) is intact
+            raise WriteError(f"{printable_path(path)}: cannot write ({exc.strerror or exc}); the previous version, if any, is intact") from None
         raise
 
 
@@ -82,7 +106,12 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    # Serialised in memory first, so a full disk surfaces as an OSError from the file write
+    # (torch's own writer reports it as an opaque "unexpected pos" RuntimeError).
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    blob = buffer.getbuffer()
+    atomic_write(path, lambda handle: handle.write(blob))
 
 
 def ensure_writable_dir(path: Path, flag: str = "--output") -> Path:

@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from bpfree.config import RunConfig, build_config
 from bpfree.engine import Engine, ProgressCallback
 from bpfree.errors import UserError
-from bpfree.results import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE, atomic_write_json, ensure_writable_dir, new_run_id
+from bpfree.results import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    RESULT_FILE,
+    WriteError,
+    atomic_write_json,
+    ensure_writable_dir,
+    new_run_id,
+    printable_path,
+)
+
+RUN_LOCK_FILE = ".bpfree-run.lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Only one process trains a run directory at a time (two resumes, an orphaned worker and a rerun).
+
+    flock is released by the kernel when its holder dies, so a killed run leaves no stale lock.
+    """
+    try:
+        handle = open(Path(run_dir) / RUN_LOCK_FILE, "a")  # noqa: SIM115 - held for the whole run
+    except OSError as exc:
+        raise WriteError(f"run directory {printable_path(run_dir)}: cannot create its lock file ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"run directory {printable_path(run_dir)}: another bpfree process is training it; wait for it to end"
+            ) from None
+        yield
+    finally:
+        handle.close()
+
+
+def remove_stale_checkpoint_writes(run_dir: Path) -> None:
+    """Temporary files of a checkpoint write that a kill interrupted (only called under the run lock)."""
+    for tmp in Path(run_dir).glob(f".{CHECKPOINT_FILE}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def execute(
@@ -18,41 +61,69 @@ def execute(
     progress: ProgressCallback | None = None,
     keep_checkpoint: bool = False,
     step_progress: ProgressCallback | None = None,
+    on_start: Callable[[Path], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Train ``cfg`` and write ``<output>/<run_id>/result.json``; returns (run_dir, result).
 
     Everything that can fail on user input (data, model, device) is built before the run
-    directory is created, so a bad input leaves nothing behind.
+    directory is created, so a bad input leaves nothing behind. ``on_start`` is called with the
+    run directory once it exists (before training).
     """
-    output = ensure_writable_dir(cfg.output if run_dir is None else Path(run_dir).parent)
-    run_id = new_run_id(cfg) if run_dir is None else Path(run_dir).name
+    if run_dir is not None:
+        run_dir = Path(run_dir).expanduser().resolve()  # `bpfree resume .` is the directory's real name
+    output = ensure_writable_dir(cfg.output if run_dir is None else run_dir.parent)
+    run_id = new_run_id(cfg) if run_dir is None else run_dir.name
     run_dir = output / run_id
     engine = Engine(cfg, run_dir=run_dir, progress=progress, step_progress=step_progress)
-    if not (run_dir / CONFIG_FILE).exists():
-        atomic_write_json(run_dir / CONFIG_FILE, {"run_id": run_id, "config": cfg.model_dump(mode="json")})
-    result = {"run_id": run_id, **engine.run()}
-    atomic_write_json(run_dir / RESULT_FILE, result)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        if (run_dir / RESULT_FILE).is_file():
+            raise UserError(f"run directory {printable_path(run_dir)}: already complete ({RESULT_FILE} exists); nothing to run")
+        remove_stale_checkpoint_writes(run_dir)
+        if not (run_dir / CONFIG_FILE).exists():
+            atomic_write_json(run_dir / CONFIG_FILE, {"run_id": run_id, "config": cfg.model_dump(mode="json")})
+        if on_start is not None:
+            on_start(run_dir)
+        result = {"run_id": run_id, **engine.run()}
+        write_result(run_dir, result)
     if not keep_checkpoint:
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return run_dir, result
 
 
+def write_result(run_dir: Path, result: dict[str, Any]) -> None:
+    """Write result.json; if that fails (disk full), the trained result is printed, never lost."""
+    try:
+        atomic_write_json(run_dir / RESULT_FILE, result)
+    except WriteError as exc:
+        sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
+        sys.stdout.flush()
+        raise WriteError(f"{exc}; the trained result was printed to stdout as JSON (its checkpoint, if any, is kept)") from None
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        raise UserError(f"run directory {run_dir}: no {CONFIG_FILE}; not a bpfree run directory")
+        raise UserError(f"run directory {printable_path(Path(run_dir))}: no {CONFIG_FILE}; not a bpfree run directory")
     try:
         stored = json.loads(path.read_text())["config"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{path}: unreadable or malformed; the run cannot be resumed") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{printable_path(path)}: unreadable or malformed; the run cannot be resumed") from None
     return build_config(stored, source=str(path))
 
 
-def resume(run_dir: Path, progress: ProgressCallback | None = None, keep_checkpoint: bool = False,
-           step_progress: ProgressCallback | None = None):
+def resume(
+    run_dir: Path,
+    progress: ProgressCallback | None = None,
+    keep_checkpoint: bool = False,
+    step_progress: ProgressCallback | None = None,
+    on_start: Callable[[Path], None] | None = None,
+):
     """Continue an interrupted run from its checkpoint (or restart it cleanly if it has none)."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser().resolve()
     if (run_dir / RESULT_FILE).exists():
-        raise UserError(f"run directory {run_dir}: already complete ({RESULT_FILE} exists); nothing to resume")
-    return execute(load_run_config(run_dir), run_dir=run_dir, progress=progress, keep_checkpoint=keep_checkpoint,
-                   step_progress=step_progress)
+        raise UserError(f"run directory {printable_path(run_dir)}: already complete ({RESULT_FILE} exists); nothing to resume")
+    return execute(
+        load_run_config(run_dir), run_dir=run_dir, progress=progress, keep_checkpoint=keep_checkpoint,
+        step_progress=step_progress, on_start=on_start
+    )

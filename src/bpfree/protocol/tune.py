@@ -17,6 +17,7 @@ study stops at the requested number of completed trials.
 from __future__ import annotations
 
 import inspect
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -92,18 +93,29 @@ def resolve_storage(url: str | None, output: Path) -> tuple[Any, str]:
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url.removeprefix("journal:").removeprefix("//"))
-        if not str(path):
-            raise UserError("--storage journal:<path>: missing the journal file path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path))), url
+        text = url.removeprefix("journal:").removeprefix("//").strip()
+        if not text:
+            raise UserError("--storage journal:<path>: missing the journal file path, e.g. journal:results/tune/optuna.log")
+        path = Path(text).expanduser()
+        if path.is_dir():
+            raise UserError(f"--storage {url}: {path} is a directory; name the journal file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab"):  # the journal is appended to; fail now, not after a trial ran
+                pass
+            return JournalStorage(JournalFileBackend(str(path))), url
+        except OSError as exc:
+            raise UserError(f"--storage {url}: cannot write the journal file ({exc.strerror or exc})") from None
     if "://" not in url:
         raise UserError(f"--storage {url!r}: expected a URL such as sqlite:///optuna.db, journal:optuna.log or postgresql://...")
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         db = url.split("///", 1)[1] if "///" in url else ""
         if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"--storage {url}: cannot create its folder ({exc.strerror or exc})") from None
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     # A trial whose worker died (no heartbeat for grace_period s) is failed and re-queued once or twice.
     with warnings.catch_warnings():
@@ -151,7 +163,22 @@ def _budget_attrs(trials: int, epochs: int, cfg: RunConfig, config_path: Path) -
     }
 
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_study_name(name: str) -> str:
+    """A study name is also a folder under ``<output>/trials``: one plain path component."""
+    if not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise UserError(
+            f"--study-name {name!r}: use letters, digits, '.', '_' and '-' (at most 100, no '..' or '/'); "
+            f"it names a folder under --output"
+        )
+    return name
+
+
 def _dump_tuned(path: Path, values: dict[str, Any], header: list[str]) -> None:
+    from bpfree.results import atomic_write_text
+
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
     atomic_write_text(path, text)
 
@@ -185,7 +212,14 @@ def tune(
     space = tuple(get_algorithm(base.algorithm).search_space)
     if not space:
         raise UserError(f"algorithm {base.algorithm}: declares no search space; nothing to tune")
-    name = study_name or f"{config.stem}-{base.key()[:8]}"
+    if study_name is not None:
+        name = check_study_name(study_name)
+    else:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", config.stem).strip(".-")[:80] or "study"
+        name = f"{name}-{base.key()[:8]}"
+    from bpfree.results import ensure_writable_dir
+
+    output = ensure_writable_dir(output)
     trials_dir = output / "trials" / name
     tuned_path = Path(out) if out is not None else output / f"{config.stem}.tuned.yaml"
     if tuned_path.resolve() == config.resolve():
@@ -194,7 +228,11 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store, url = resolve_storage(storage, output)
     sampler = optuna.samplers.TPESampler(seed=seed)
-    study = _retry(lambda: optuna.create_study(study_name=name, storage=store, sampler=sampler, direction="maximize", load_if_exists=True))
+    try:
+        study = _retry(lambda: optuna.create_study(study_name=name, storage=store, sampler=sampler, direction="maximize", load_if_exists=True))
+    except Exception as exc:  # noqa: BLE001 - read-only or broken storage: one line
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--storage {url}: cannot create or load study {name!r} ({type(exc).__name__}: {detail[:200]})") from None
     attrs = _budget_attrs(trials, epochs, base, config)
     existing = study.user_attrs
     for key in ("bpfree_trials", "bpfree_epochs_per_trial", "bpfree_base_key"):
@@ -207,6 +245,8 @@ def tune(
         if key not in existing:
             _retry(lambda key=key, value=value: study.set_user_attr(key, value))  # type: ignore[misc]
 
+    interrupted: list[int] = []
+
     def objective(trial: Any) -> float:
         chosen = suggest(trial, space)
         values = set_dotted({**raw, "epochs": epochs, "checkpoint": False, "output": str(trials_dir)}, chosen)
@@ -214,7 +254,15 @@ def tune(
             cfg = build_config(values, source=f"trial {trial.number}")
         except ConfigError as exc:
             raise UserError(f"search space of {base.algorithm} gave an invalid config: {exc}") from None
-        result = _train(cfg)
+        try:
+            result = _train(cfg)
+        except KeyboardInterrupt:
+            # Recorded as pruned (no value, no traceback in Optuna's log) and the study stops; the
+            # command then reports the interruption. A rerun fills the budget with a new trial.
+            interrupted.append(trial.number)
+            trial.set_user_attr("interrupted", True)
+            study.stop()
+            raise optuna.TrialPruned("interrupted") from None
         value = objective_value(result)
         trial.set_user_attr("run_id", result.get("run_id"))
         trial.set_user_attr("status", result.get("status"))
@@ -234,6 +282,8 @@ def tune(
             callbacks=[MaxTrialsCallback(trials, states=(TrialState.COMPLETE,))],
             gc_after_trial=True,
         )
+    if interrupted:
+        raise KeyboardInterrupt
     # With several workers a study can overshoot by a trial or two; only the first `trials` count.
     budget = completed()[:trials]
     if not budget:
