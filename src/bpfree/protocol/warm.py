@@ -34,4 +34,8 @@ def warm() -> None:
         pass
 
 
+# The fork server ends with the suite that started it; its workers end with it (processes.py).
+from bpfree.protocol.suite.processes import die_with_parent  # noqa: E402
+
+die_with_parent()
 warm()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ import submitit
 from bpfree.errors import UserError
 from bpfree.protocol.suite.lock import output_lock
 from bpfree.protocol.suite.planning import Plan, Task
+from bpfree.protocol.suite.processes import worker_initializer
 from bpfree.protocol.suite.slurm import SlurmOptions
 from bpfree.protocol.suite.tasks import SubmititRun, run_task
 from bpfree.results import ensure_writable_dir
@@ -42,28 +47,97 @@ def _run_inline(tasks: Sequence[Task], threads: int | None, on_done: Callback) -
         torch.set_num_threads(before)
 
 
+WORKER_DIED = "worker process died while training this run (killed, or out of memory)"
+
+
 def _run_local(tasks: Sequence[Task], jobs: int, threads: int | None, on_done: Callback) -> None:
-    """Each run in its own process (a fresh child per run), at most ``jobs`` at a time."""
+    """Each run in its own process (a fresh child per run), at most ``jobs`` at a time.
+
+    A worker that dies (killed, out of memory) breaks its pool: the runs in flight at that moment
+    are rerun one at a time in fresh pools, so the run that kills its worker is found and marked
+    failed, and every other run still trains.
+    """
+    threads = threads or _threads_per_run(jobs)
+    queue: deque[Task] = deque(tasks)
+    suspects: deque[Task] = deque()
+    while queue or suspects:
+        if suspects:
+            alone = deque([suspects.popleft()])
+            for task in _pool_round(alone, 1, threads, on_done):
+                on_done(task, {"ok": False, "run_dir": str(task.run_dir), "error": WORKER_DIED})
+        else:
+            suspects.extend(_pool_round(queue, jobs, threads, on_done))
+
+
+def _new_pool(jobs: int) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["bpfree.protocol.warm"])  # children fork from a warm server
-    kwargs: dict[str, Any] = {"max_workers": max(1, jobs), "mp_context": context}
+    kwargs: dict[str, Any] = {"max_workers": max(1, jobs), "mp_context": context, "initializer": worker_initializer}
     if sys.version_info >= (3, 11):
         kwargs["max_tasks_per_child"] = 1
-    threads = threads or _threads_per_run(jobs)
-    with ProcessPoolExecutor(**kwargs) as pool:
-        futures = {pool.submit(run_task, t.config, str(t.run_dir), threads): t for t in tasks}
-        try:
-            for future in as_completed(futures):
-                task = futures[future]
+    return ProcessPoolExecutor(**kwargs)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the workers now (their runs resume from checkpoints)."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        if process.is_alive():
+            process.terminate()
+
+
+def _pool_round(queue: deque[Task], jobs: int, threads: int, on_done: Callback) -> list[Task]:
+    """Run tasks from ``queue`` in one pool until it is empty or the pool breaks.
+
+    Returns the tasks that were in flight when a worker died (empty if none died).
+    """
+    pool = _new_pool(jobs)
+    running: dict[Future, Task] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < max(1, jobs):
+                task = queue.popleft()
+                running[pool.submit(run_task, task.config, str(task.run_dir), threads)] = task
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = False
+            for future in done:
+                task = running.pop(future)
                 try:
                     outcome = future.result()
-                except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
+                except BrokenProcessPool:
+                    running[future] = task  # rerun below, with the others in flight
+                    broken = True
+                    continue
+                except Exception as exc:  # noqa: BLE001 - e.g. an outcome that could not be sent back
                     outcome = {"ok": False, "run_dir": str(task.run_dir), "error": f"worker process failed: {type(exc).__name__}: {exc}"}
                 on_done(task, outcome)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+            if broken:
+                return list(running.values())
+        return []
+    except BaseException:  # Ctrl-C, SIGTERM (raised as SystemExit by the handler), a failing callback
+        _stop_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """SIGTERM ends the suite like Ctrl-C: the pool is shut down and its workers stopped, then exit 143."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_submitit(tasks: Sequence[Task], cluster: str, output: Path, jobs: int, options: SlurmOptions, wait: bool, on_done: Callback) -> list[str]:
@@ -136,7 +210,8 @@ def execute_plan(
         if executor == "inline":
             _run_inline(plan.tasks, threads, record)
         elif executor == "local":
-            _run_local(plan.tasks, jobs, threads, record)
+            with terminate_as_exit():
+                _run_local(plan.tasks, jobs, threads, record)
         else:
             job_ids = _run_submitit(plan.tasks, _SUBMITIT_CLUSTER[executor], plan.output, jobs, slurm or SlurmOptions(), wait, record)
     return SuiteOutcome(plan, outcomes, job_ids)
