@@ -192,3 +192,10 @@ def test_ctrl_c_during_tune_is_one_line_and_stops(tmp_path):
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("trial ")]
     assert proc.returncode == 130 and "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert len(lines) == 1 and lines[0].startswith("interrupted; rerun the same command"), text
+
+
+def test_a_model_too_large_for_memory_is_refused_before_anything_is_allocated(tmp_path):
+    cfg = build_config({"algorithm": "bp", **TINY, "model": "mlp:64x100000", "output": str(tmp_path / "out")})
+    with pytest.raises(UserError, match=r"mlp:64x100000 needs at least .* GiB on cpu .* free; choose a smaller model"):
+        runner.execute(cfg)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -39,6 +39,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Bytes per parameter while training in fp32: weights + gradients + optimiser state.
+_OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}
+
+
+def training_bytes(cfg: RunConfig, data: Splits) -> int | None:
+    """Weights, gradients and optimiser state of the model, counted on the meta device (no memory used).
+
+    A lower bound: activations and an algorithm's own parts come on top. None if the model cannot
+    be built on the meta device (then no estimate is made).
+    """
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model, data.spec)
+    except Exception:  # noqa: BLE001 - an estimate only; the real build reports real errors
+        return None
+    parameters = sum(p.numel() for p in model.parameters())
+    return parameters * 4 * (2 + _OPTIMIZER_STATES.get(cfg.optimizer, 2))
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a run can still take: free GPU memory, or the kernel's MemAvailable on the host."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(cfg: RunConfig, data: Splits, device: torch.device) -> None:
+    """Refuse a model whose weights and optimiser state alone exceed the free memory (before allocating)."""
+    need, free = training_bytes(cfg, data), available_bytes(device)
+    if need is not None and free is not None and need > free:
+        raise UserError(
+            f"field 'model': {cfg.model} needs at least {need / 2**30:.1f} GiB on {device.type} for weights, gradients and "
+            f"{cfg.optimizer} state, but only {free / 2**30:.1f} GiB is free; choose a smaller model"
+        )
+
+
 @dataclass
 class RunParts:
     """The live objects of one run; the engine trains them, ``bench`` and the tests drive them directly."""
@@ -62,7 +105,8 @@ def build_run(cfg: RunConfig) -> RunParts:
     seeds = derived_seeds(cfg.seed)
     algorithm_cls = get_algorithm(cfg.algorithm)  # RunConfig has judged the algorithm x model pair
     seed_everything(cfg.seed)
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.val_fraction).to(device)
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.val_fraction, cfg.verify_checksums).to(device)
+    check_memory(cfg, data, device)
     torch.manual_seed(seeds["model_init"])
     model = build_model(cfg.model, data.spec, cfg.init, cfg.algorithm).to(device)
     if hasattr(model, "READOUTS"):  # one test-time read-out rule, the same for an algorithm and its BP twin

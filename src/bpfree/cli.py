@@ -359,6 +359,7 @@ def runs_progress(enabled: bool = True):
             console.print(
                 f"{plan.total} runs in {plan.output}: {len(plan.skipped)} already complete (skipped), "
                 f"{resume_n} to resume, {len(plan.tasks) - resume_n} new"
+                + (f", {len(plan.in_flight)} still queued or running in Slurm (left to their jobs)" if plan.in_flight else "")
             )
             state["task"] = bar.add_task("runs", total=len(plan.tasks), last="")
 

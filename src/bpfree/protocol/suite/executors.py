@@ -20,7 +20,7 @@ from bpfree.errors import UserError
 from bpfree.protocol.suite.lock import output_lock
 from bpfree.protocol.suite.planning import Plan, Task
 from bpfree.protocol.suite.processes import worker_initializer
-from bpfree.protocol.suite.slurm import SlurmOptions
+from bpfree.protocol.suite.slurm import SlurmOptions, write_job_marker
 from bpfree.protocol.suite.tasks import SubmititRun, run_task
 from bpfree.results import ensure_writable_dir
 
@@ -160,6 +160,10 @@ def _run_submitit(tasks: Sequence[Task], cluster: str, output: Path, jobs: int, 
         SubmititRun(), [t.config for t in tasks], [str(t.run_dir) for t in tasks], [threads] * len(tasks)
     )
     ids = [str(job.job_id) for job in job_list]
+    if cluster == "slurm":
+        for task, job_id in zip(tasks, ids):
+            task.run_dir.mkdir(parents=True, exist_ok=True)
+            write_job_marker(task.run_dir, task.key, job_id)
     if wait:
         for task, job in zip(tasks, job_list):
             try:

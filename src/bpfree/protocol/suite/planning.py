@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bpfree.config import RunConfig, run_label
 from bpfree.errors import UserError
+from bpfree.protocol.suite.slurm import jobs_in_queue, read_job_markers
 from bpfree.results import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE, new_run_id
 
 
@@ -33,10 +34,12 @@ class Plan:
     output: Path
     tasks: list[Task]
     skipped: list[tuple[RunConfig, Path]]  # already complete: (config, its run directory)
+    # submitted earlier and still queued or running in Slurm: (config, run directory, job id)
+    in_flight: list[tuple[RunConfig, Path, str]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return len(self.tasks) + len(self.skipped)
+        return len(self.tasks) + len(self.skipped) + len(self.in_flight)
 
 
 label = run_label
@@ -81,16 +84,26 @@ def _progress_mtime(run_dir: Path) -> tuple[bool, float]:
 
 
 def make_plan(configs: Sequence[RunConfig], output: Path) -> Plan:
+    """Complete runs are skipped, runs whose Slurm job is still queued or running are left to it,
+    interrupted runs resume in their directory, and the rest start (in the directory a finished
+    job already created, if any)."""
     output = Path(output)
     done, interrupted = scan_output(output)
-    tasks, skipped = [], []
+    submitted = {key: run for key, run in read_job_markers(output).items() if key not in done}
+    queued = jobs_in_queue(run.job_id for run in submitted.values())
+    tasks, skipped, in_flight = [], [], []
     for cfg in configs:
         key = cfg.key()
+        job = submitted.get(key)
         if key in done:
             skipped.append((cfg, done[key]))
+        elif job is not None and (queued is None or job.job_id in queued):
+            in_flight.append((cfg, job.run_dir, job.job_id))  # unknown state (no squeue here): never submit twice
         elif key in interrupted:
             tasks.append(Task(key, label(cfg), cfg.model_dump(mode="json"), interrupted[key], "resume"))
+        elif job is not None:
+            tasks.append(Task(key, label(cfg), cfg.model_dump(mode="json"), job.run_dir, "new"))
         else:
             tasks.append(Task(key, label(cfg), cfg.model_dump(mode="json"), output / new_run_id(cfg), "new"))
-    return Plan(output, tasks, skipped)
+    return Plan(output, tasks, skipped, in_flight)
 
