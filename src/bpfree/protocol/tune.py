@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -245,7 +246,19 @@ def tune(
         if key not in existing:
             _retry(lambda key=key, value=value: study.set_user_attr(key, value))  # type: ignore[misc]
 
-    interrupted: list[int] = []
+    # Ctrl-C must never land inside Optuna's bookkeeping (it then fails with an unrelated error and
+    # a traceback): it stops the study, and only interrupts a trial's training where that is safe.
+    interrupt = {"requested": False, "in_training": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupt["requested"] = True
+        try:
+            study.stop()  # after the current trial
+        except RuntimeError:  # not inside optimize yet (or any more): the flag is checked after it
+            pass
+        if interrupt["in_training"]:
+            interrupt["in_training"] = False
+            raise KeyboardInterrupt
 
     def objective(trial: Any) -> float:
         chosen = suggest(trial, space)
@@ -255,13 +268,15 @@ def tune(
         except ConfigError as exc:
             raise UserError(f"search space of {base.algorithm} gave an invalid config: {exc}") from None
         try:
+            interrupt["in_training"] = not interrupt["requested"]
+            if interrupt["requested"]:
+                raise KeyboardInterrupt
             result = _train(cfg)
+            interrupt["in_training"] = False
         except KeyboardInterrupt:
-            # Recorded as pruned (no value, no traceback in Optuna's log) and the study stops; the
-            # command then reports the interruption. A rerun fills the budget with a new trial.
-            interrupted.append(trial.number)
+            # Recorded as pruned (no value, no traceback in Optuna's log); a rerun fills the budget.
+            interrupt["in_training"] = False
             trial.set_user_attr("interrupted", True)
-            study.stop()
             raise optuna.TrialPruned("interrupted") from None
         value = objective_value(result)
         trial.set_user_attr("run_id", result.get("run_id"))
@@ -276,13 +291,21 @@ def tune(
 
     remaining = trials - len(completed())
     if remaining > 0:
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            callbacks=[MaxTrialsCallback(trials, states=(TrialState.COMPLETE,))],
-            gc_after_trial=True,
-        )
-    if interrupted:
+        try:
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread: Ctrl-C is not ours to handle
+            previous = None
+        try:
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                callbacks=[MaxTrialsCallback(trials, states=(TrialState.COMPLETE,))],
+                gc_after_trial=True,
+            )
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+    if interrupt["requested"]:
         raise KeyboardInterrupt
     # With several workers a study can overshoot by a trial or two; only the first `trials` count.
     budget = completed()[:trials]
