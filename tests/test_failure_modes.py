@@ -199,3 +199,34 @@ def test_a_model_too_large_for_memory_is_refused_before_anything_is_allocated(tm
     with pytest.raises(UserError, match=r"mlp:64x100000 needs at least .* GiB on cpu .* free; choose a smaller model"):
         runner.execute(cfg)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_compare_where_every_run_fails_says_so_and_why(tmp_path):
+    from bpfree.protocol.compare import compare
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "mf.yaml").write_text(yaml.safe_dump({"algorithm": "mf", **TINY}))
+    with pytest.raises(UserError) as info:
+        compare([configs], output=tmp_path / "out", seeds=[0], datasets=["mnist"], executor="inline",
+                common={"data_root": str(tmp_path / "nowhere")})
+    message = str(info.value)
+    assert message.startswith("every run failed (2 of 2): 2x dataset mnist: not found") and "\n" not in message
+
+
+def test_a_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.utils as tv_utils
+
+    from bpfree.data import load_dataset
+    from bpfree.errors import DataError
+
+    def unreachable(url, *args, **kwargs):
+        print(f"Downloading {url}\nFailed to download (trying next):\n<urlopen error [Errno -3] Temporary failure>")
+        raise RuntimeError(f"Error downloading {url}:\nTried 1 mirror.\nurlopen error [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", unreachable)
+    with pytest.raises(DataError, match=r"dataset cifar10: download failed \(urlopen error") as info:
+        load_dataset("cifar10", tmp_path, download=True)
+    assert "\n" not in str(info.value)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
