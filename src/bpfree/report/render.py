@@ -455,8 +455,8 @@ def write_report(
     found = read_results(results_dir)
     results = found.records
     if not results:
-        why = f"; {found.rejected_note()}" if found.rejected else ""
-        raise UserError(f"results directory {printable_path(results_dir)}: no valid result.json files (run `bpfree compare` or `bpfree suite` first){why}")
+        what, why = ("no valid result.json files", f"; {found.rejected_note()}") if found.rejected else ("no result.json files", "")
+        raise UserError(f"results directory {printable_path(results_dir)}: {what} (run `bpfree compare` or `bpfree suite` first){why}")
     out_dir = ensure_writable_dir(out_dir or results_dir, flag="--out" if out_dir is not None else "--output")
     all_notes = list(notes) if notes is not None else read_notes(results_dir)
     rejected = found.rejected_note()
