@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,27 +40,36 @@ NORMALISATION = {
 
 
 # Official md5 sums of the files bpfree reads (published with the archives, as torchvision lists them).
+@dataclass(frozen=True)
+class CifarFiles:
+    folder: str
+    archive: tuple[str, str, str]  # url, file name, md5
+    labels: str  # the batch's label key
+    train: tuple[tuple[str, str], ...]  # (file name, md5)
+    test: tuple[tuple[str, str], ...]
+
+
 CIFAR_FILES = {
-    "cifar10": {
-        "folder": "cifar-10-batches-py",
-        "archive": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
-        "labels": "labels",
-        "train": [
+    "cifar10": CifarFiles(
+        folder="cifar-10-batches-py",
+        archive=("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+        labels="labels",
+        train=(
             ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
             ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
             ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
             ("data_batch_4", "634d18415352ddfa80567beed471001a"),
             ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
-        ],
-        "test": [("test_batch", "40351d587109b95175f43aff81a1287e")],
-    },
-    "cifar100": {
-        "folder": "cifar-100-python",
-        "archive": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
-        "labels": "fine_labels",
-        "train": [("train", "16019d7e3df5f24257cddd939b257f8d")],
-        "test": [("test", "f0ef6b0ae62326f3e7ffdfab6717acfc")],
-    },
+        ),
+        test=(("test_batch", "40351d587109b95175f43aff81a1287e"),),
+    ),
+    "cifar100": CifarFiles(
+        folder="cifar-100-python",
+        archive=("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+        labels="fine_labels",
+        train=(("train", "16019d7e3df5f24257cddd939b257f8d"),),
+        test=(("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
+    ),
 }
 CHECKSUM_SWITCH = "--set verify_checksums=false"
 
@@ -69,7 +79,7 @@ def _numpy_global(name: str):
         from numpy._core import multiarray, numeric
     except ImportError:  # numpy 1
         from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    return {"_reconstruct": multiarray._reconstruct, "_frombuffer": numeric._frombuffer}[name]
+    return {"_reconstruct": multiarray._reconstruct, "_frombuffer": numeric._frombuffer}[name]  # type: ignore[attr-defined]
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
@@ -122,7 +132,7 @@ def _read_cifar_batch(name: str, path: Path, expected_md5: str, verify_checksums
     except Exception as exc:  # noqa: BLE001 - any parse failure of an untrusted file: one line
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"dataset {name}: {path} is not a CIFAR batch ({detail})") from None
-    label_key = CIFAR_FILES[name]["labels"]
+    label_key = CIFAR_FILES[name].labels
     data = batch.get("data") if isinstance(batch, dict) else None
     labels = batch.get(label_key) if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
@@ -145,12 +155,12 @@ def _download_quietly(name: str, root: Path, fetch) -> None:
 
 def _read_cifar(name: str, root: Path, train: bool, download: bool, verify_checksums: bool) -> tuple[torch.Tensor, torch.Tensor]:
     files = CIFAR_FILES[name]
-    folder = root / files["folder"]
-    wanted = files["train" if train else "test"]
+    folder = root / files.folder
+    wanted = files.train if train else files.test
     if download and not all((folder / filename).is_file() for filename, _ in wanted):
         from torchvision.datasets.utils import download_and_extract_archive
 
-        url, archive, archive_md5 = files["archive"]
+        url, archive, archive_md5 = files.archive
         _download_quietly(name, root, lambda: download_and_extract_archive(url, str(root), filename=archive, md5=archive_md5))
     missing = [filename for filename, _ in wanted if not (folder / filename).is_file()]
     if missing:
@@ -168,7 +178,7 @@ def _expected_files(name: str, root: Path) -> str:
     if name in ("mnist", "fashion_mnist"):
         folder = "MNIST" if name == "mnist" else "FashionMNIST"
         return f"{root / folder / 'raw'}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte"
-    folder = CIFAR_FILES[name]["folder"]
+    folder = CIFAR_FILES[name].folder
     return str(root / folder) + ("/{data_batch_1..5,test_batch}" if name == "cifar10" else "/{train,test}")
 
 

@@ -178,8 +178,6 @@ def check_study_name(name: str) -> str:
 
 
 def _dump_tuned(path: Path, values: dict[str, Any], header: list[str]) -> None:
-    from bpfree.results import atomic_write_text
-
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
     atomic_write_text(path, text)
 

@@ -152,13 +152,7 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
 def group_results(results: Iterable[dict[str, Any]]) -> list[Group]:
     """Group results by configuration (ignoring seed); deterministic order: dataset, model, BP first."""
     groups: dict[str, Group] = {}
-    seen_runs: set[str] = set()
     for r in results:
-        run_key = r.get("config_key")
-        if isinstance(run_key, str):
-            if run_key in seen_runs:
-                continue  # one config and seed trained twice (e.g. submitted twice): counted once
-            seen_runs.add(run_key)
         key = group_key(r)
         if key not in groups:
             groups[key] = Group(key, r.get("algorithm", "?"), r.get("dataset", "?"), r.get("model", "?"), group_config(r))
