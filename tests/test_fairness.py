@@ -306,8 +306,8 @@ def test_default_rule_is_bpfrees(monkeypatch, one_thread):
 
 # -- one read-out rule for NoProp and its BP twin --------------------------------------------------
 def test_noprop_and_its_twin_read_out_by_the_same_rule():
-    from bpfree.algorithms.noprop import NoProp
     from bpfree.algorithms.base import TrainSettings
+    from bpfree.algorithms.noprop import NoProp
 
     torch.manual_seed(0)
     spec = _spec((1, 12, 12), 5)
@@ -349,7 +349,6 @@ def test_ff_prior_overlay_writes_one_and_zero():
     spec = _spec((1, 28, 28), 10)
     settings = TrainSettings(1, 8, 1e-3, 0.0, "adam")
     x = torch.randn(4, 784) * 2 + 0.5
-    labels = torch.tensor([0, 3, 9, 5])
     for overlay, on, off in (("prior", 1.0, 0.0), ("sample_range", x.max(1).values, x.min(1).values)):
         torch.manual_seed(0)
         ff = ForwardForward(build_model("mlp:2x16", spec), spec, settings, ForwardForward.Params(overlay=overlay),

@@ -21,7 +21,7 @@ import torch
 from bpfree.algorithms import algorithm_names
 from bpfree.build import build_run, resolve_device
 from bpfree.capture import CapturedStep
-from bpfree.config import build_config
+from bpfree.config import RunConfig, build_config
 from bpfree.data import train_batches
 from bpfree.loop import epoch_clock, evaluate, train_epoch
 from bpfree.meters.cpu import flush_denormal_scope
@@ -197,7 +197,7 @@ def reference_bp_epoch(model_spec: str, batch_size: int, dataset: str, device: s
         return _reference_bp_epoch(cfg, batch_size, epochs)
 
 
-def _reference_bp_epoch(cfg, batch_size: int, epochs: int) -> dict[str, Any]:
+def _reference_bp_epoch(cfg: RunConfig, batch_size: int, epochs: int) -> dict[str, Any]:
     parts = build_run(cfg)
     dev, model, data = parts.device, parts.model, parts.data
     cuda = dev.type == "cuda"
@@ -227,7 +227,7 @@ def _reference_bp_epoch(cfg, batch_size: int, epochs: int) -> dict[str, Any]:
     else:
         step()
     times = []
-    generator = torch.Generator(device=dev).manual_seed(seed)
+    generator = torch.Generator(device=dev).manual_seed(cfg.seed)
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator, device=dev)[:full].view(-1, batch_size)
         synchronize(dev)

@@ -237,7 +237,8 @@ class Engine:
                     self._save_checkpoint()
             if st.status != "running":
                 break
-            restored_epoch, final_val_accuracy = st.epoch_in_phase, st.last_val_accuracy
+            restored_epoch: int | None = st.epoch_in_phase
+            final_val_accuracy = st.last_val_accuracy
             if phase.early_stopping and self.best_weights is not None:
                 self.algorithm.load_weights_state(self.best_weights)
                 if self.cfg.restore == "best":
@@ -392,11 +393,11 @@ class Engine:
 
         Outside every measured window and FLOP ledger: a record for the reader, not part of the run's cost.
         """
-        model = self.algorithm.model
+        model: Any = self.algorithm.model
         if not hasattr(model, "READOUTS"):
             return None
-        configured = model.readout
-        scores = {configured: headline}
+        configured: str = model.readout
+        scores: dict[str, float] = {configured: headline}
         try:
             for rule in model.READOUTS:
                 if rule != configured:

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from bpfree.algorithms.base import Algorithm, EpochClock
 from bpfree.capture import CapturedStep
 from bpfree.data import Splits, eval_batches, num_batches, train_batches
-from bpfree.meters.energy import EnergyMeter, add_components
 from bpfree.meters.cpu import load_average
-from bpfree.meters.energy import EnergyMeter
+from bpfree.meters.energy import EnergyMeter, add_components
 from bpfree.meters.flops import FlopLedger, run_counted
 from bpfree.meters.memory import MemoryMeter
 from bpfree.meters.timer import synchronize

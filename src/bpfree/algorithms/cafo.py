@@ -334,7 +334,8 @@ class CascadedForward(Algorithm):
     def layer_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each predictor alone on its own block's features."""
         feats = self._features(x, self.num_blocks - 1)
-        return {f"predictor{k + 1}": predictor(feats[k]) for k, predictor in enumerate(self.aux["predictors"])}
+        predictors: nn.ModuleList = self.aux["predictors"]  # type: ignore[assignment]
+        return {f"predictor{k + 1}": predictors[k](feats[k]) for k in range(len(predictors))}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         if self._mode == "dfa":

@@ -30,7 +30,7 @@ INIT_SCHEMES = ("default", "prior")
 PRIOR_HEAD_STD = 0.01
 
 
-def _kaiming_relu_zero_bias(module: nn.Module) -> None:
+def _kaiming_relu_zero_bias(module: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
     nn.init.kaiming_uniform_(module.weight, a=0.0, mode="fan_in", nonlinearity="relu")
     if module.bias is not None:
         nn.init.zeros_(module.bias)
@@ -43,7 +43,8 @@ def apply_init(model: nn.Module, scheme: str, algorithm: str | None = None) -> n
     if scheme == "default":
         return model
     with torch.no_grad():
-        for module in model.blocks.modules():
+        blocks: nn.Module = model.blocks  # type: ignore[assignment]
+        for module in blocks.modules():
             if algorithm == "ff" and isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=1.0 / module.weight.shape[0] ** 0.5)
                 if module.bias is not None:

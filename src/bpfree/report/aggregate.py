@@ -351,9 +351,9 @@ def summarize(results: Sequence[dict[str, Any]], ci: str = "t") -> Summary:
     groups = group_results(results)
     pairs = find_pairs(groups)
     deltas = {p.alternative.key: compare_pair(p, ci) for p in pairs}
-    keys = [k for k, d in deltas.items() if d is not None]
-    for key, adjusted in zip(keys, holm([deltas[k].p_value for k in keys])):
-        deltas[key] = replace(deltas[key], holm_p_value=adjusted)
+    present = {k: d for k, d in deltas.items() if d is not None}
+    for (key, delta), adjusted in zip(present.items(), holm([d.p_value for d in present.values()])):
+        deltas[key] = replace(delta, holm_p_value=adjusted)
     return Summary(groups, pairs, deltas, list(results))
 
 
