@@ -26,6 +26,7 @@ CASES = {
     "cafo-mse": {"algorithm": "cafo", "model": "cnn3", "params": {"loss": "mse"}},
     "noprop": {"algorithm": "noprop", "model": "noprop", "params": {"parallel": True}},
     "noprop-sequential": {"algorithm": "noprop", "model": "noprop"},
+    "noprop-paper": {"algorithm": "noprop", "model": "noprop:3,c4,h64", "epochs": 6, "params": {"loop": "paper"}},
 }
 
 
@@ -59,7 +60,7 @@ def test_cuda_matches_cpu_flops_and_accuracy(case):
     assert abs(gpu["test_accuracy"] - cpu["test_accuracy"]) <= 0.03
 
 
-@pytest.mark.parametrize("case", ["bp", "ff", "noprop"])
+@pytest.mark.parametrize("case", ["bp", "mf", "mf-layerwise", "ff", "cafo-rand", "cafo-mse", "noprop", "noprop-paper"])
 def test_captured_steps_replay_and_agree_with_eager(case):
     captured = Engine(config(case, "cuda")).run()
     eager = Engine(config(case, "cuda", cuda_graphs=False)).run()

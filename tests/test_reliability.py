@@ -49,7 +49,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         found = list(out.glob("*/checkpoint.pt"))
         if found:
-            state = torch.load(found[0], weights_only=False)
+            state = torch.load(found[0], weights_only=True)
             if state["progress"]["epochs_run"] >= 2:
                 checkpoint = found[0]
                 break
@@ -224,3 +224,57 @@ def test_config_file_fuzz_never_crashes(tmp_path_factory, blob):
         load_config(path)
     except ConfigError as exc:
         assert "\n" not in str(exc) and str(path) in str(exc)
+
+
+class _OpensAFile:
+    """A pickle payload that creates a file when unpickled: what a crafted checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_checkpoint_runs_no_code_on_resume(tmp_path):
+    marker = tmp_path / "code-ran"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"version": 2, "progress": _OpensAFile(marker)}, run_dir / "checkpoint.pt")
+    cfg = build_config({"algorithm": "bp", "model": "mlp:1x32", "epochs": 1, "output": str(tmp_path)})
+    with pytest.raises(UserError, match="not a bpfree checkpoint") as error:
+        Engine(cfg, run_dir=run_dir).run()
+    assert not marker.exists()
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("algorithm", ["mf", "ff"])
+def test_finite_exploding_loss_is_a_divergence(algorithm, one_thread):
+    cfg = build_config({"algorithm": algorithm, "model": "mlp:2x100", "lr": 10.0, "epochs": 3, "checkpoint": False})
+    result = Engine(cfg).run()
+    assert result["status"] == "diverged" and "exceeded" in result["reason"]
+    assert result["divergence_rule"]["divergence_factor"] == 1000.0
+    assert all(row["train_loss"] is None or row["train_loss"] < float("inf") for row in result["curves"])
+    relaxed = Engine(build_config({**cfg.model_dump(), "divergence_factor": None})).run()
+    assert relaxed["status"] == "completed"  # the rule is declared and can be switched off
+
+
+class _StopAfter(Exception):
+    pass
+
+
+def test_resumed_phase_keeps_the_time_before_the_interruption(tmp_path, one_thread):
+    cfg = build_config({"algorithm": "mf", "model": "mlp:2x100", "epochs": 3, "patience": None, "output": str(tmp_path)})
+
+    def stop_after_two(info):
+        if info["epochs_run"] == 2:
+            raise _StopAfter
+
+    with pytest.raises(_StopAfter):
+        Engine(cfg, run_dir=tmp_path / "run", progress=stop_after_two).run()
+    result = Engine(cfg, run_dir=tmp_path / "run").run()
+    assert result["resumed"] and result["epochs_run"] == 3
+    epochs = [row["epoch_time_s"] for row in result["curves"]]
+    assert len(epochs) == 3
+    assert result["phases"][0]["train_time_s"] == pytest.approx(sum(epochs))
+    assert result["train_time_s"] == pytest.approx(sum(epochs))

@@ -5,6 +5,9 @@ the host, not the algorithm. :class:`CapturedStep` records an algorithm's whole 
 (forward, local losses, backward/VJPs, fused optimiser step) once per kind (phase x batch size) on
 static batch buffers, then replays it: the last, smaller batch of an epoch gets its own graph.
 
+A kind also carries the algorithm's ``capture_key()`` where an epoch picks what a step computes
+(NoProp's paper loop trains one block per epoch: one graph per block).
+
 Per kind: the first steps run eagerly on a side stream (optimiser state and library workspaces are
 created there), the next one is captured and replayed; all of these run in the loop's excluded
 stretch (``probe_s``), outside the timed window. A step that cannot be captured (one that reads a
@@ -42,6 +45,10 @@ def make_capturable(optimizers: dict[str, torch.optim.Optimizer], device: torch.
                 state["step"] = step.to(device)
 
 
+def _label(kind: tuple[str, int, Any]) -> str:
+    return "/".join(str(part) for part in kind if part is not None)
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -69,12 +76,12 @@ class CapturedStep:
         self._phase = name
         make_capturable(self.algorithm.optimizers, self.algorithm.device)
 
-    def _kind(self, x: torch.Tensor) -> Hashable:
-        return (self._phase, x.shape[0])
+    def _kind(self, x: torch.Tensor) -> tuple[str, int, Any]:
+        return (self._phase, x.shape[0], self.algorithm.capture_key())
 
     def is_warm(self, x: torch.Tensor) -> bool:
         kind = self._kind(x)
-        return kind in self.graphs or f"{kind[0]}/{kind[1]}" in self.failures
+        return kind in self.graphs or _label(kind) in self.failures
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         kind = self._kind(x)
@@ -84,7 +91,7 @@ class CapturedStep:
             graph.y.copy_(y)
             graph.graph.replay()
             return graph.out
-        label = f"{kind[0]}/{kind[1]}"
+        label = _label(kind)
         if label in self.failures:
             return self.algorithm.train_step(x, y)
         done = self.eager_steps.get(kind, 0)

@@ -42,7 +42,7 @@ class Phase:
 
     name: str
     epochs: int
-    early_stopping: bool = True  # stop on validation accuracy and restore the best weights
+    early_stopping: bool = True  # stop and restore weights by the run's stopping rule (monitor, restore)
     index: int = 0  # position in the schedule (set by Algorithm.schedule)
 
 
@@ -177,6 +177,11 @@ class Algorithm(ABC):
     def begin_epoch(self, clock: EpochClock) -> None:
         """Epoch-level schedule (override): called before the epoch's first step."""
         del clock
+
+    def capture_key(self) -> Any:
+        """Steps with different keys (within a phase and batch size) run different operators, so a
+        captured step needs one graph per key (override where an epoch picks what a step does)."""
+        return None
 
     def end_epoch(self) -> dict[str, torch.Tensor]:
         """Work that closes the epoch (override); a returned ``loss`` is the epoch's training loss."""

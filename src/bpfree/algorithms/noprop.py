@@ -257,6 +257,10 @@ class NoProp(Algorithm):
         kl = kl.detach()
         return {"loss": l2 + ce + kl, "l2": l2, "mse": mse, "ce": ce, "kl": kl}
 
+    def capture_key(self) -> int:
+        """loop=paper: each block's step is a different computation, so a graph of its own."""
+        return self._paper_block if self.params.loop == "paper" else 0
+
     def begin_epoch(self, clock: EpochClock) -> None:
         # loop=paper: engine epoch k trains block (k mod T) + 1, so T engine epochs are one paper epoch.
         self._paper_block = clock.epoch % self.T + 1

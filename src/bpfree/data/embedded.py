@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -60,19 +60,17 @@ def _load_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    from bpfree.results import WriteError, atomic_write_bytes, atomic_write_text
+
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, labels=labels)
+    blob = buffer.getvalue()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, images=images, labels=labels)
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         # The checksum goes first: a reader that sees the new npz always finds its matching digest
         # or (for an instant) a mismatch, which only means one more parse.
-        digest_tmp = path.with_name(f".{path.name}.sha256.{os.getpid()}")
-        digest_tmp.write_text(digest + "\n")
-        os.replace(digest_tmp, path.with_name(path.name + ".sha256"))
-        os.replace(tmp, path)
-    except OSError as exc:
+        atomic_write_text(path.with_name(path.name + ".sha256"), hashlib.sha256(blob).hexdigest() + "\n")
+        atomic_write_bytes(path, blob)
+    except (OSError, WriteError) as exc:
         log.info("mnist5k cache not written to %s: %s", path.parent, exc)
 
 
