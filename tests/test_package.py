@@ -284,3 +284,15 @@ def test_step_progress_and_energy_components_reach_the_record(tmp_path, one_thre
     parts = record["energy_components_j"]  # every training window read 3 J GPU, 2 J CPU package, 0.5 J DRAM
     windows = record["energy_j"] / 5.5
     assert windows >= 2 and parts == pytest.approx({"gpu": 3.0 * windows, "cpu_package": 2.0 * windows, "dram": 0.5 * windows})
+
+
+def test_api_compare_pairs_an_alternative_with_its_twin_and_reports(tmp_path, one_thread):
+    config = tmp_path / "mf_tiny.yaml"
+    config.write_text("algorithm: mf\ndataset: mnist5k\nmodel: mlp:1x16\nepochs: 1\nbatch_size: 256\npatience: null\n")
+    outcome = bpfree.compare([config], output=tmp_path / "cmp", seeds=[0], jobs=1)
+    assert not outcome.suite.failed
+    algorithms = sorted(task.config["algorithm"] for task, _ in outcome.suite.outcomes)
+    assert algorithms == ["bp", "mf"]
+    assert outcome.report.html.is_file() and outcome.report.markdown.is_file()
+    frame = bpfree.load_results(tmp_path / "cmp")
+    assert sorted(frame["algorithm"]) == ["bp", "mf"] and frame["test_accuracy"].notna().all()
