@@ -199,14 +199,15 @@ def test_cpu_allocation_follows_affinity_and_cgroup_quota(tmp_path, monkeypatch)
     assert env.allocated_cpus(tmp_path) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    from bpfree.protocol import compare, suite
+    from bpfree.protocol import compare
+    from bpfree.protocol.suite import executors
 
     monkeypatch.setattr(env, "_cgroup_cpu_limit", lambda root=None: None)
     from bpfree.meters import energy
 
     monkeypatch.setattr(energy, "cpu_energy_counter_readable", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert compare.auto_jobs() == 1 and suite._threads_per_run(1) == 1
+    assert compare.auto_jobs() == 1 and executors._threads_per_run(1) == 1
 
 
 def test_environment_names_the_host_job_and_build(monkeypatch):
