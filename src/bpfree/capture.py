@@ -36,7 +36,10 @@ def make_capturable(optimizers: dict[str, torch.optim.Optimizer], device: torch.
         for group in optimizer.param_groups:
             if "capturable" in group:
                 group["capturable"] = True
-            if "lr" in group and not isinstance(group["lr"], torch.Tensor) and "capturable" in group:
+            # A float lr would be baked into the graph; a device tensor is read at every replay, so
+            # epoch-level schedules (FF's cooldown through set_lr) still apply. Capturable and fused
+            # steps take a tensor lr without a host sync.
+            if not isinstance(group.get("lr"), torch.Tensor) and ("capturable" in group or group.get("fused")):
                 group.setdefault("initial_lr", float(group["lr"]))
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
         for state in optimizer.state.values():
