@@ -297,3 +297,12 @@ def test_api_compare_pairs_an_alternative_with_its_twin_and_reports(tmp_path, on
     assert outcome.report.html.is_file() and outcome.report.markdown.is_file()
     frame = bpfree.load_results(tmp_path / "cmp")
     assert sorted(frame["algorithm"]) == ["bp", "mf"] and frame["test_accuracy"].notna().all()
+
+
+def test_step_progress_line_has_rate_and_both_etas():
+    from bpfree.cli import step_status
+
+    # 10 of 40 steps in 5 s: 2 it/s; 15 s left in this epoch; 2 more epochs of 40 steps: 55 s in all.
+    info = {"event": "step", "phase": "train", "step": 10, "steps": 40, "epochs_run": 1, "total_epochs": 4}
+    assert step_status(info, 5.0) == "train step 10/40  2.0 it/s  epoch ETA 15s  run ETA 55s"
+    assert step_status(info, 0.0) == "train step 10/40"  # no rate before any time has passed

@@ -97,6 +97,18 @@ def _announce_run(run_dir: Path) -> None:
     _on_interrupt["message"] = f"interrupted; continue with `bpfree resume {shown}`"
 
 
+def step_status(info: dict[str, Any], elapsed: float) -> str:
+    """The progress line for a step event: steps, rate, and the ETA of the epoch and of the run
+    (the run's from the current rate, assuming every remaining epoch has this epoch's steps)."""
+    rate = info["step"] / elapsed if elapsed > 0 else None
+    status = f"{info['phase']} step {info['step']}/{info['steps']}"
+    if rate:
+        epoch_left = (info["steps"] - info["step"]) / rate
+        run_left = epoch_left + (info["total_epochs"] - info["epochs_run"] - 1) * info["steps"] / rate
+        status += f"  {rate:.1f} it/s  epoch ETA {epoch_left:.0f}s  run ETA {run_left:.0f}s"
+    return status
+
+
 @contextmanager
 def epoch_progress(label: str, enabled: bool = True):
     """A rich progress bar fed by the engine's per-epoch callback.
@@ -130,13 +142,7 @@ def epoch_progress(label: str, enabled: bool = True):
             # Counts only (no device sync): the rate is of steps issued, which a bounded GPU queue keeps honest.
             if info["step"] == 1 or clock.get("epochs_run") != info["epochs_run"]:
                 clock.update(start=now, epochs_run=info["epochs_run"])
-            elapsed = now - clock["start"]
-            rate = info["step"] / elapsed if elapsed > 0 else None
-            status = f"{info['phase']} step {info['step']}/{info['steps']}"
-            if rate:
-                epoch_left = (info["steps"] - info["step"]) / rate
-                run_left = epoch_left + (info["total_epochs"] - info["epochs_run"] - 1) * info["steps"] / rate
-                status += f"  {rate:.1f} it/s  epoch ETA {epoch_left:.0f}s  run ETA {run_left:.0f}s"
+            status = step_status(info, now - clock["start"])
             bar.update(task, total=info["total_epochs"], completed=info["epochs_run"] + info["step"] / max(1, info["steps"]), status=status)
             return
         bar.update(
