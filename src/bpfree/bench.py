@@ -127,7 +127,7 @@ def _measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int 
     dev, algo, data = parts.device, parts.algorithm, parts.data
     memory = MemoryMeter(dev)
     energy = EnergyMeter(dev)
-    captured = CapturedStep(algo, (parts.algorithm_generator,)) if dev.type == "cuda" and cfg.cuda_graphs else None
+    captured = CapturedStep.for_run(parts)
     n_train = data.train_x.shape[0]
     phase_rows = []
     peak = None

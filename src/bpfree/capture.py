@@ -17,17 +17,17 @@ recorded. Graphs are dropped at every phase start (new optimisers, other frozen 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from bpfree.algorithms.base import Algorithm
+from bpfree.build import RunParts
 
 WARMUP_STEPS = 2
-
-Step = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+Kind = tuple[str, int, Any]  # phase, batch size, the algorithm's capture_key()
 
 
 def make_capturable(optimizers: dict[str, torch.optim.Optimizer], device: torch.device) -> None:
@@ -48,7 +48,7 @@ def make_capturable(optimizers: dict[str, torch.optim.Optimizer], device: torch.
                 state["step"] = step.to(device)
 
 
-def _label(kind: tuple[str, int, Any]) -> str:
+def _label(kind: Kind) -> str:
     return "/".join(str(part) for part in kind if part is not None)
 
 
@@ -66,11 +66,10 @@ class CapturedStep:
 
     algorithm: Algorithm
     generators: tuple[torch.Generator, ...] = ()
-    autocast: Any = None
-    graphs: dict[Hashable, _Graph] = field(default_factory=dict)
-    eager_steps: dict[Hashable, int] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)  # kind -> why it runs eagerly
-    captured: list[str] = field(default_factory=list)
+    graphs: dict[Kind, _Graph] = field(default_factory=dict)
+    eager_steps: dict[Kind, int] = field(default_factory=dict)  # warm-up steps taken per kind
+    failures: dict[Kind, str] = field(default_factory=dict)  # kinds that run eagerly, and why
+    captured: set[str] = field(default_factory=set)  # every kind captured in the run, as labels
     _phase: str = "train"
 
     def begin_phase(self, name: str) -> None:
@@ -79,12 +78,12 @@ class CapturedStep:
         self._phase = name
         make_capturable(self.algorithm.optimizers, self.algorithm.device)
 
-    def _kind(self, x: torch.Tensor) -> tuple[str, int, Any]:
+    def _kind(self, x: torch.Tensor) -> Kind:
         return (self._phase, x.shape[0], self.algorithm.capture_key())
 
     def is_warm(self, x: torch.Tensor) -> bool:
         kind = self._kind(x)
-        return kind in self.graphs or _label(kind) in self.failures
+        return kind in self.graphs or kind in self.failures
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         kind = self._kind(x)
@@ -94,14 +93,13 @@ class CapturedStep:
             graph.y.copy_(y)
             graph.graph.replay()
             return graph.out
-        label = _label(kind)
-        if label in self.failures:
+        if kind in self.failures:
             return self.algorithm.train_step(x, y)
         done = self.eager_steps.get(kind, 0)
         if done < WARMUP_STEPS:
             self.eager_steps[kind] = done + 1
             return self._side_stream(lambda: self.algorithm.train_step(x, y))
-        return self._capture(kind, label, x, y)
+        return self._capture(kind, x, y)
 
     def _side_stream(self, fn: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         stream = torch.cuda.Stream()
@@ -111,7 +109,7 @@ class CapturedStep:
         torch.cuda.current_stream().wait_stream(stream)
         return out
 
-    def _capture(self, kind: Hashable, label: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _capture(self, kind: Kind, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         static_x, static_y = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
         for generator in self.generators:
@@ -123,12 +121,19 @@ class CapturedStep:
                 out = self.algorithm.train_step(static_x, static_y)
         except Exception as exc:  # not capturable: this kind keeps its eager step
             torch.cuda.synchronize()
-            self.failures[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.failures[kind] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             return self.algorithm.train_step(x, y)
         self.graphs[kind] = _Graph(graph, static_x, static_y, out)
-        self.captured.append(label)
+        self.captured.add(_label(kind))
         graph.replay()  # capture records without running: this batch's step happens now
         return out
 
+    @classmethod
+    def for_run(cls, parts: RunParts) -> CapturedStep | None:
+        """The run's captured step: on CUDA unless the config switches it off (``cuda_graphs: false``)."""
+        if parts.device.type != "cuda" or not parts.cfg.cuda_graphs:
+            return None
+        return cls(parts.algorithm, (parts.algorithm_generator,))
+
     def summary(self) -> dict[str, Any]:
-        return {"captured_kinds": sorted(set(self.captured)), "eager_kinds": dict(self.failures)}
+        return {"captured_kinds": sorted(self.captured), "eager_kinds": {_label(k): why for k, why in self.failures.items()}}

@@ -124,9 +124,7 @@ class Engine:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.started_at = datetime.now(timezone.utc).isoformat()
         self.resumed_across_devices = False
-        self.captured_step: CapturedStep | None = None
-        if self.device.type == "cuda" and cfg.cuda_graphs:
-            self.captured_step = CapturedStep(self.algorithm, (self.algorithm_generator,))
+        self.captured_step = CapturedStep.for_run(self.parts)
         self.test_accuracy_by_readout: dict[str, float] | None = None
         self.flush_denormal = False  # whether subnormals were flushed during the run (set by run)
         self.layer_accuracy: dict[str, dict[str, float]] | None = None
@@ -212,10 +210,9 @@ class Engine:
     def _run(self) -> dict[str, Any]:
         resumed = self._load_checkpoint()
         st = self.state
+        # Both ledgers record heavy operators without a formula into the progress's one dict.
         train_flops = FlopLedger(st.train_flops, st.flops_per_step, st.uncounted_ops)
         eval_flops = FlopLedger(st.eval_flops, uncounted_ops=st.uncounted_ops)
-        # one dict for both ledgers: every heavy operator met without a formula, saved with the progress
-        eval_flops.uncounted_ops = train_flops.uncounted_ops = st.uncounted_ops
         phases = self.algorithm.schedule()
         total_epochs = sum(p.epochs for p in phases)
 
@@ -429,5 +426,5 @@ class Engine:
             if self.run_dir is not None:
                 from bpfree.weights import WEIGHTS_FILE, save_weights
 
-                save_weights(self.run_dir / WEIGHTS_FILE, self.algorithm, {"config_key": self.cfg.key()})
+                save_weights(self.run_dir / WEIGHTS_FILE, self.algorithm, {"config_key": self.cfg.key(device_type=self.device.type)})
         return result_record(self, resumed, train_flops, eval_flops, test_accuracy)

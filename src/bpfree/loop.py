@@ -156,13 +156,9 @@ def train_epoch(
             if flops is not None and not flops.knows(kind):
                 with window.excluded(), autocast:
                     out = flops.run(kind, lambda xb=xb, yb=yb: algorithm.train_step(xb, yb))
-            elif step is not None and not step.is_warm(xb):
-                with window.excluded(), autocast:
-                    out = step(xb, yb)
-                if flops is not None:
-                    flops.add(kind)
             else:
-                with autocast:
+                warming_up = step is not None and not step.is_warm(xb)  # warm-up and capture: outside the window
+                with window.excluded() if warming_up else contextlib.nullcontext(), autocast:
                     out = run_step(xb, yb)
                 if flops is not None:
                     flops.add(kind)

@@ -86,10 +86,6 @@ class SearchDim:
     choices: tuple[Any, ...] = ()
 
 
-def _capturable(optimizer: torch.optim.Optimizer) -> bool:
-    return any(group.get("capturable") for group in optimizer.param_groups)
-
-
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Scale every group's ``initial_lr`` by ``factor`` (in place when lr is a tensor, as captured steps need)."""
     for group in optimizer.param_groups:
@@ -222,10 +218,11 @@ class Algorithm(ABC):
         tensors (schedules, accumulators); all of them must live on the run's device."""
         owned = {f"module.{k}": v for k, v in self.modules().state_dict().items()}
         for key, optimizer in self.optimizers.items():
+            # torch keeps an eager (neither fused nor capturable) optimiser's step count on the host by design
+            host_steps = not any(group.get("capturable") or group.get("fused") for group in optimizer.param_groups)
             for i, state in enumerate(optimizer.state.values()):
                 for name, value in state.items():
-                    if isinstance(value, torch.Tensor) and not (name == "step" and value.dim() == 0 and value.device.type == "cpu"
-                                                                and not _capturable(optimizer)):
+                    if isinstance(value, torch.Tensor) and not (name == "step" and host_steps):
                         owned[f"optimizer.{key}.{i}.{name}"] = value
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):

@@ -192,8 +192,9 @@ class FlopLedger:
         self.total = total
         self._per_step: dict[Hashable, int] = {}
         self.per_kind = dict(per_kind or {})  # readable summary: kind -> FLOPs per step
-        # operator -> calls met in the instrumented steps without a FLOP formula (not in ``total``)
-        self.uncounted_ops = dict(uncounted_ops or {})
+        # operator -> calls met in the instrumented steps without a FLOP formula (not in ``total``);
+        # the caller's dict itself, so ledgers can share one
+        self.uncounted_ops = {} if uncounted_ops is None else uncounted_ops
 
     def knows(self, kind: Hashable) -> bool:
         return kind in self._per_step
