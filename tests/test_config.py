@@ -183,7 +183,7 @@ def test_dotted_assignment_is_one_helper():
 
 
 def test_atomic_writes_respect_the_umask(tmp_path):
-    from bpfree.results import atomic_write_json, atomic_write_text
+    from bpfree.fileio import atomic_write_json, atomic_write_text
 
     previous = os.umask(0o022)
     try:

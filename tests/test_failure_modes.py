@@ -19,8 +19,9 @@ from bpfree import runner
 from bpfree.cli import app
 from bpfree.config import build_config
 from bpfree.errors import UserError
+from bpfree.fileio import WriteError
 from bpfree.protocol.tune import tune
-from bpfree.results import CHECKPOINT_FILE, RESULT_FILE, WriteError, new_run_id
+from bpfree.results import CHECKPOINT_FILE, RESULT_FILE, new_run_id
 
 TINY = {"dataset": "mnist5k", "model": "mlp:1x16", "epochs": 1, "batch_size": 512, "patience": None, "device": "cpu"}
 
@@ -76,7 +77,7 @@ def test_model_specs_are_normalised_and_run_ids_bounded(tmp_path):
 
 
 def _full_disk_for(monkeypatch, name: str) -> None:
-    import bpfree.results as results_module
+    import bpfree.fileio as results_module
 
     real = os.replace
 

@@ -125,7 +125,7 @@ def test_full_disk_while_writing_figures_is_one_line_and_keeps_the_old_figures(t
     _write(results, "good", good_record)
     first = write_report(results)
     before = {p.name: p.read_bytes() for p in first.figures}
-    import bpfree.results as results_module
+    import bpfree.fileio as results_module
 
     real_replace = os.replace
 

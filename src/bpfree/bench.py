@@ -357,7 +357,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
 
 def write_benchmarks_md(path: Path, section: str) -> None:
     """Replace the generated block of BENCHMARKS.md (between markers), keeping hand-written text."""
-    from bpfree.results import atomic_write_text
+    from bpfree.fileio import atomic_write_text
 
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n\n" + start + "\n" + end + "\n"

@@ -90,7 +90,7 @@ def interruptible(command):
 
 
 def _announce_run(run_dir: Path) -> None:
-    from bpfree.results import printable_path
+    from bpfree.fileio import printable_path
 
     shown = printable_path(run_dir)
     console.print(f"run directory: {shown}", highlight=False, soft_wrap=True)
@@ -401,7 +401,7 @@ def print_report(report, full: bool = False, fmt: OutputFormat = OutputFormat.ta
             out.print(rich_table(data))
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    from bpfree.results import printable_path
+    from bpfree.fileio import printable_path
 
     console.print(f"report: {printable_path(report.markdown)}  {printable_path(report.html)}", highlight=False)
 
@@ -582,7 +582,8 @@ def schema(
     write: Optional[Path] = typer.Option(None, "--write", help="write the schema to this file instead of printing it"),
 ) -> None:
     """The JSON schema of result.json (also shipped as schema/result.schema.json)."""
-    from bpfree.results import atomic_write_text, result_schema
+    from bpfree.fileio import atomic_write_text
+    from bpfree.results import result_schema
 
     text = json.dumps(result_schema(), indent=2) + "\n"
     if write is None:

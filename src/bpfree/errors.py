@@ -16,3 +16,11 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset that cannot be found or read."""
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, read-only, quota): one line naming the file."""
+
+
+class UnreadableFile(UserError):
+    """A file bpfree reads back is missing, not a regular file, too large, or malformed: one line naming it."""

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.errors import UserError
-from bpfree.results import RESULT_FILE, atomic_write_json
+from bpfree.fileio import atomic_write_json
+from bpfree.results import RESULT_FILE
 
 SPLITS = ("test", "val", "train")
 EVALUATIONS_DIR = "evaluations"

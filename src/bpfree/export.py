@@ -50,7 +50,7 @@ def export_tables(results_dir: Path, out_dir: Path, fmt: str = "csv") -> list[Pa
         except ImportError:
             raise UserError("--format parquet needs pyarrow: pip install 'bpfree[parquet]'") from None
     tables = tidy_tables(results_dir)  # fails before anything is written
-    from bpfree.results import atomic_write_bytes
+    from bpfree.fileio import atomic_write_bytes
 
     paths = []
     for name, frame in tables.items():

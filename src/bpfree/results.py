@@ -5,21 +5,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import secrets
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from bpfree.config import RunConfig
 from bpfree.errors import UserError
+from bpfree.fileio import atomic_write, printable_path
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
@@ -28,10 +27,6 @@ SCHEMA_VERSION = 1
 
 
 MODEL_ID_CHARS = 32  # the model part of a run id; longer specs are cut and hashed
-
-
-class WriteError(UserError):
-    """A file could not be written (disk full, read-only, quota): one line naming the file."""
 
 
 def model_id(spec: str) -> str:
@@ -50,61 +45,6 @@ def new_run_id(cfg: RunConfig) -> str:
     return f"{cfg.algorithm}-{cfg.dataset}-{model}-s{cfg.seed}-{cfg.key()[:8]}-{stamp}-{secrets.token_hex(3)}"
 
 
-def _umask() -> int:
-    try:  # Linux states it without changing it (os.umask would, for every thread, for a moment)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Write ``path`` through ``write(handle)`` so readers see the old file or the new one, never half.
-
-    The new file gets the permissions an ordinary ``open`` would give it (0666 less the umask),
-    not the 0600 of a temporary file, so colleagues on a shared cluster can read results.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise WriteError(f"{printable_path(path)}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o666 & ~_umask())
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)  # atomic on POSIX
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):  # disk full, quota, read-only: the old file (if any) is intact
-            raise WriteError(f"{printable_path(path)}: cannot write ({exc.strerror or exc}); the previous version, if any, is intact") from None
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    # backslashreplace: a path with undecodable bytes (surrogate escapes) in a report is shown escaped
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8", "backslashreplace")))
-
-
-def atomic_write_bytes(path: Path, blob: bytes) -> None:
-    atomic_write(path, lambda handle: handle.write(blob))
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    blob = json.dumps(data, indent=2, sort_keys=False, allow_nan=False).encode()
-    atomic_write(path, lambda handle: handle.write(blob))
-
-
 def atomic_torch_save(path: Path, obj: Any) -> None:
     # Serialised in memory first, so a full disk surfaces as an OSError from the file write
     # (torch's own writer reports it as an opaque "unexpected pos" RuntimeError).
@@ -112,18 +52,6 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     torch.save(obj, buffer)
     blob = buffer.getbuffer()
     atomic_write(path, lambda handle: handle.write(blob))
-
-
-def ensure_writable_dir(path: Path, flag: str = "--output") -> Path:
-    """Create the results directory or fail with one line saying why (naming the ``flag`` that chose it)."""
-    path = Path(path).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise UserError(f"output directory {printable_path(path)}: not writable ({exc.strerror or exc}); choose another with {flag}") from None
-    return path
 
 
 # -- the result record schema: what readers (report, compare, suite) may rely on ----------------------
@@ -218,11 +146,6 @@ def check_record(record: Any) -> str | None:
             problems.append(f"{where}: {item['msg']}")
         return "; ".join(problems).encode("ascii", "backslashreplace").decode()
     return None
-
-
-def printable_path(path: Path) -> str:
-    """A path as text that can always be printed and written (undecodable bytes shown escaped)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass

@@ -13,16 +13,8 @@ from typing import Any
 from bpfree.config import RunConfig, build_config
 from bpfree.engine import Engine, ProgressCallback
 from bpfree.errors import UserError
-from bpfree.results import (
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    RESULT_FILE,
-    WriteError,
-    atomic_write_json,
-    ensure_writable_dir,
-    new_run_id,
-    printable_path,
-)
+from bpfree.fileio import WriteError, atomic_write_json, ensure_writable_dir, printable_path
+from bpfree.results import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE, new_run_id
 
 RUN_LOCK_FILE = ".bpfree-run.lock"
 

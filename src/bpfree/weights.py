@@ -12,7 +12,7 @@ import torch
 
 from bpfree.algorithms.base import Algorithm
 from bpfree.errors import UserError
-from bpfree.results import atomic_write_bytes
+from bpfree.fileio import atomic_write_bytes
 
 WEIGHTS_FILE = "weights.safetensors"
 

@@ -60,7 +60,7 @@ def _load_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    from bpfree.results import WriteError, atomic_write_bytes, atomic_write_text
+    from bpfree.fileio import WriteError, atomic_write_bytes, atomic_write_text
 
     buffer = io.BytesIO()
     np.savez(buffer, images=images, labels=labels)

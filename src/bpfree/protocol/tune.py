@@ -30,7 +30,7 @@ import yaml
 
 from bpfree.config import RunConfig, apply_assignments, build_config, read_yaml_mapping, set_dotted
 from bpfree.errors import ConfigError, UserError
-from bpfree.results import atomic_write_text
+from bpfree.fileio import atomic_write_text
 
 OBJECTIVE = "best_val_accuracy"
 SQLITE_TIMEOUT_S = 120
@@ -216,7 +216,7 @@ def tune(
     else:
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", config.stem).strip(".-")[:80] or "study"
         name = f"{name}-{base.key()[:8]}"
-    from bpfree.results import ensure_writable_dir
+    from bpfree.fileio import ensure_writable_dir
 
     output = ensure_writable_dir(output)
     trials_dir = output / "trials" / name

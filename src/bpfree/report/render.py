@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.errors import UserError
+from bpfree.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, printable_path
 from bpfree.report.aggregate import (
     COST_METRICS,
     Delta,
@@ -27,14 +28,7 @@ from bpfree.report.aggregate import (
     epoch_budget,
     summarize,
 )
-from bpfree.results import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    ensure_writable_dir,
-    printable_path,
-    read_results,
-)
+from bpfree.results import read_results
 
 TABLES_DIR = "tables"
 NOTES_FILE = "compare.json"  # optional notes left by `bpfree compare` (skipped pairs, failures)

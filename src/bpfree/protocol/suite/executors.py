@@ -17,12 +17,12 @@ from typing import Any
 import submitit
 
 from bpfree.errors import UserError
+from bpfree.fileio import ensure_writable_dir
 from bpfree.protocol.suite.lock import output_lock
 from bpfree.protocol.suite.planning import Plan, Task
 from bpfree.protocol.suite.processes import worker_initializer
 from bpfree.protocol.suite.slurm import SlurmOptions, write_job_marker
 from bpfree.protocol.suite.tasks import SubmititRun, run_task
-from bpfree.results import ensure_writable_dir
 
 EXECUTORS = ("local", "inline", "slurm", "submitit-local", "debug")
 _SUBMITIT_CLUSTER = {"slurm": "slurm", "submitit-local": "local", "debug": "debug"}

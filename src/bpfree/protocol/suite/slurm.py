@@ -65,7 +65,7 @@ class SubmittedRun:
 
 
 def write_job_marker(run_dir: Path, key: str, job_id: str) -> None:
-    from bpfree.results import atomic_write_json
+    from bpfree.fileio import atomic_write_json
 
     atomic_write_json(Path(run_dir) / JOB_MARKER, {"config_key": key, "job_id": str(job_id)})
 
