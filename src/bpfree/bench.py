@@ -2,9 +2,18 @@
 
 Per pair (algorithm on its native architecture, BP on the identical one): one warm-up epoch (it
 also counts FLOPs), then the median of several timed epochs, per phase. Reported: samples/s,
-achieved FLOP/s as a share of the measured fp32 matmul peak, evaluation samples/s, peak memory,
-and the epoch-time ratio against BP. The data-handling share is the time to draw an epoch's
-batches alone, over the BP epoch time.
+achieved FLOP/s as a share of the row's peak, evaluation samples/s, peak memory, and the
+epoch-time ratio against BP. The data-handling share is the time to draw an epoch's batches alone,
+over the BP epoch time.
+
+A row's peak is the one its operators can reach: convolutions run on cuDNN, which uses TF32 by
+default (``torch.backends.cudnn.allow_tf32``), so their FLOPs are judged against the measured TF32
+peak; matmuls against fp32 unless TF32 matmuls are allowed. A row that mixes both is judged against
+the FLOP-weighted harmonic blend (the time both shares would take at their peaks).
+
+Energy per epoch: a captured GPU epoch of a small network lasts tens of milliseconds, shorter than
+the NVML counter's refresh, so J/epoch is read over one window of back-to-back epochs lasting at
+least ``ENERGY_WINDOW_S`` (and the meter's minimum window), per phase, after the timed epochs.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,17 +29,21 @@ from typing import Any
 import torch
 
 from bpfree.algorithms import algorithm_names
+from bpfree.algorithms.base import Algorithm, Phase
 from bpfree.build import build_run, resolve_device
-from bpfree.capture import CapturedStep
+from bpfree.capture import CapturedStep, warmup_stream
 from bpfree.config import RunConfig, build_config
 from bpfree.data import train_batches
-from bpfree.loop import epoch_clock, evaluate, train_epoch
+from bpfree.loop import EpochOutcome, epoch_clock, evaluate, train_epoch
 from bpfree.meters.cpu import flush_denormal_scope
 from bpfree.meters.energy import EnergyMeter
 from bpfree.meters.environment import cpu_model
-from bpfree.meters.flops import FlopLedger
+from bpfree.meters.flops import FlopLedger, flop_counter
 from bpfree.meters.memory import MemoryMeter
 from bpfree.meters.timer import synchronize
+
+ENERGY_WINDOW_S = 2.0  # J/epoch is read over back-to-back epochs lasting at least this long
+MAX_ENERGY_EPOCHS = 1000  # ... or this many epochs, whichever comes first
 
 
 @dataclass(frozen=True)
@@ -102,13 +116,67 @@ def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 10, dt
     return 2 * n**3 / best
 
 
-def measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int = 0) -> dict[str, Any]:
-    """One case's epoch time and FLOPs, with subnormals flushed on CPU as in every run (RunConfig default)."""
+def conv_flop_share(algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The share of one training step's counted FLOPs that are convolutions (forward and backward).
+
+    Runs one real step of the current phase under the FLOP counter (outside every timed window).
+    """
+    counting = flop_counter()
+    with counting:
+        algorithm.train_step(x, y)
+    counts = counting.counter.get_flop_counts().get("Global", {})
+    total = sum(counts.values())
+    conv = sum(v for op, v in counts.items() if "convolution" in str(op))
+    return conv / total if total else 0.0
+
+
+def row_peak(peaks: dict[str, float], conv_share: float, device: torch.device) -> float:
+    """The FLOP/s a row's operators can reach: convolutions at TF32 where cuDNN uses it, matmuls at fp32
+    unless TF32 matmuls are allowed; a mix at the harmonic blend."""
+    cuda = device.type == "cuda" and "tf32" in peaks
+    conv = peaks["tf32"] if cuda and torch.backends.cudnn.allow_tf32 else peaks["fp32"]
+    matmul = peaks["tf32"] if cuda and torch.backends.cuda.matmul.allow_tf32 else peaks["fp32"]
+    return 1.0 / (conv_share / conv + (1.0 - conv_share) / matmul)
+
+
+def energy_per_epoch(run_epoch: Callable[[], None], energy: EnergyMeter, device: torch.device) -> dict[str, Any]:
+    """Energy of back-to-back epochs in one window of at least ``ENERGY_WINDOW_S`` (and the meter's minimum)."""
+    target = max(ENERGY_WINDOW_S, energy.min_window_s)
+    synchronize(device)
+    energy.begin()
+    start = time.perf_counter()
+    epochs, seconds = 0, 0.0
+    while seconds < target and epochs < MAX_ENERGY_EPOCHS:
+        run_epoch()
+        synchronize(device)
+        epochs += 1
+        seconds = time.perf_counter() - start
+    reading = energy.end()
+    joules = reading.joules
+    return {
+        "joules_per_epoch": joules / epochs if joules is not None else None,
+        "window_s": seconds,
+        "epochs": epochs,
+        "mean_power_w": joules / seconds if joules is not None else None,
+        "reason": reading.reason,
+    }
+
+
+def measure(
+    case: BenchCase, dataset: str, epochs: int, device: str, seed: int = 0, energy: EnergyMeter | None = None,
+    measure_energy: bool = True,
+) -> dict[str, Any]:
+    """One case's epoch time and FLOPs, with subnormals flushed on CPU as in every run (RunConfig default).
+
+    ``energy``: the meter (default: the machine's counters); ``measure_energy=False`` skips the energy windows.
+    """
     with flush_denormal_scope(True):
-        return _measure(case, dataset, epochs, device, seed)
+        return _measure(case, dataset, epochs, device, seed, energy, measure_energy)
 
 
-def _measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int = 0) -> dict[str, Any]:
+def _measure(
+    case: BenchCase, dataset: str, epochs: int, device: str, seed: int, energy: EnergyMeter | None, measure_energy: bool
+) -> dict[str, Any]:
     """Train-epoch and eval throughput for one case (each phase timed separately)."""
     cfg = build_config(
         {
@@ -126,40 +194,61 @@ def _measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int 
     parts = build_run(cfg)
     dev, algo, data = parts.device, parts.algorithm, parts.data
     memory = MemoryMeter(dev)
-    energy = EnergyMeter(dev)
+    energy = energy if energy is not None else EnergyMeter(dev) if measure_energy else None
     captured = CapturedStep.for_run(parts)
     n_train = data.train_x.shape[0]
+
+    def run_epoch(phase: Phase, epoch: int, flops: FlopLedger | None = None, meter: MemoryMeter | None = None) -> EpochOutcome:
+        clock = epoch_clock(phase, min(epoch, phase.epochs - 1), epoch, n_train, cfg.batch_size, cfg.drop_last)
+        return train_epoch(
+            algo, data, clock, parts.data_generator, flops=flops, memory=meter, autocast=parts.autocast,
+            step=captured, drop_last=cfg.drop_last,
+        )
+
     phase_rows = []
+    windows: list[dict[str, Any]] = []
     peak = None
-    joules: list[float | None] = []
     for phase in algo.schedule():
         algo.begin_phase(phase)
         if captured is not None:
             captured.begin_phase(phase.name)
+        # The FLOP mix (convolution share) of one real step, before the warm-up epoch and outside every window.
+        algo.train_mode()
+        algo.begin_epoch(epoch_clock(phase, 0, 0, n_train, cfg.batch_size, cfg.drop_last))
+        xb, yb = next(iter(train_batches(data, cfg.batch_size, parts.data_generator, cfg.drop_last)))
+        with parts.autocast:
+            conv_share = conv_flop_share(algo, xb, yb)
         ledger = FlopLedger()
         times = []
         for epoch in range(epochs + 1):  # epoch 0 warms up (captures) and counts FLOPs
-            clock = epoch_clock(phase, min(epoch, phase.epochs - 1), epoch, n_train, cfg.batch_size, cfg.drop_last)
-            outcome = train_epoch(
-                algo, data, clock, parts.data_generator, flops=ledger if epoch == 0 else None, memory=memory,
-                energy=energy if epoch > 0 else None, autocast=parts.autocast, step=captured,
-                drop_last=cfg.drop_last,
-            )
-            if epoch == 0:
-                flops_per_epoch = ledger.total
-            else:
+            outcome = run_epoch(phase, epoch, ledger if epoch == 0 else None, memory)
+            if epoch > 0:
                 times.append(outcome.seconds)
-                joules.append(outcome.joules)
             peak = max(peak or 0, outcome.peak_memory_bytes or 0) or None
-        phase_rows.append({"phase": phase.name, "epoch_s": statistics.median(times), "flops_per_epoch": flops_per_epoch})
+        row: dict[str, Any] = {
+            "phase": phase.name, "epoch_s": statistics.median(times), "flops_per_epoch": ledger.total, "conv_flop_share": conv_share,
+        }
+        if energy is not None and energy.available:
+            row["energy"] = energy_per_epoch(lambda phase=phase: run_epoch(phase, epochs), energy, dev)
+            windows.append(row["energy"])
+        phase_rows.append(row)
     algo.end_training()
     evaluate(algo, data.test_x[: cfg.eval_batch_size], data.test_y[: cfg.eval_batch_size], cfg.eval_batch_size)  # warm-up
     eval_s = evaluate(algo, data.test_x, data.test_y, cfg.eval_batch_size, autocast=parts.autocast).seconds
     epoch_s = statistics.mean(r["epoch_s"] for r in phase_rows)
     flops = statistics.mean(r["flops_per_epoch"] for r in phase_rows)
-    # Energy per epoch (mean over the timed epochs of every phase) and the mean power it implies.
-    known = [j for j in joules if j is not None]
-    joules_per_epoch = statistics.mean(known) if known and len(known) == len(joules) else None
+    total_flops = sum(r["flops_per_epoch"] for r in phase_rows)
+    conv_share = sum(r["flops_per_epoch"] * r["conv_flop_share"] for r in phase_rows) / total_flops if total_flops else 0.0
+    # Energy per epoch: the mean over phases, each read over its own long window, and the mean power.
+    measured = len(windows) == len(phase_rows) and all(w["joules_per_epoch"] is not None for w in windows)
+    joules_per_epoch = statistics.mean(w["joules_per_epoch"] for w in windows) if measured else None
+    mean_power_w = statistics.mean(w["mean_power_w"] for w in windows) if measured else None
+    if measured:
+        energy_reason = None
+    elif energy is None:
+        energy_reason = "energy not measured (measure_energy=False)"
+    else:
+        energy_reason = next((w["reason"] for w in windows if w["reason"]), None) or energy.reason
     # Data handling alone: shuffling, gathering and (for CIFAR) augmenting one epoch of batches.
     synchronize(dev)
     start = time.perf_counter()
@@ -181,9 +270,12 @@ def _measure(case: BenchCase, dataset: str, epochs: int, device: str, seed: int 
         "memory_method": memory.method,
         "data_s": data_s,
         "device": str(dev),
+        "conv_flop_share": conv_share,
         "joules_per_epoch": joules_per_epoch,
-        "mean_power_w": joules_per_epoch / epoch_s if joules_per_epoch is not None else None,
-        "energy_reason": None if joules_per_epoch is not None else energy.reason,
+        "mean_power_w": mean_power_w,
+        "energy_window_s": sum(w["window_s"] for w in windows) if windows else None,
+        "energy_epochs": sum(w["epochs"] for w in windows) if windows else None,
+        "energy_reason": energy_reason,
         "cuda_graphs": captured.summary() if captured is not None else None,
     }
 
@@ -215,14 +307,14 @@ def _reference_bp_epoch(cfg: RunConfig, batch_size: int, epochs: int) -> dict[st
     model.train()
     graph = None
     if cuda:
-        side = torch.cuda.Stream()
+        side = warmup_stream(dev)  # the process's one warm-up stream: no new cuBLAS workspace per case
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             step()
     else:
         step()
@@ -257,7 +349,7 @@ def run_bench(
     dev = resolve_device(device)
     cases = default_cases(dev) if cases is None else cases
     peaks = matmul_peaks(dev)
-    peak = peaks.get("tf32", peaks["fp32"]) if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else peaks["fp32"]
+    peak = row_peak(peaks, 0.0, dev)  # a matmul-only row's peak
     rows = []
     bp_cache: dict[tuple[str, int], dict[str, Any]] = {}
     reference_cache: dict[tuple[str, int], dict[str, Any]] = {}
@@ -285,7 +377,8 @@ def run_bench(
         row["ratio_vs_bp"] = row["epoch_s"] / bp["epoch_s"]
         row["reference_epoch_s"] = reference["epoch_s"]
         row["ratio_vs_reference"] = row["epoch_s"] / reference["epoch_s"]
-        row["peak_share"] = row["flops_per_s"] / peak
+        row["peak_flops"] = row_peak(peaks, row["conv_flop_share"], dev)
+        row["peak_share"] = row["flops_per_s"] / row["peak_flops"]
         row["data_share_of_bp_epoch"] = bp["data_s"] / bp["epoch_s"]
         row["target_ratio"] = case.target_ratio
         row["target_vs_reference"] = case.target_vs_reference
@@ -294,6 +387,7 @@ def run_bench(
     return {
         "peak_flops": peak,
         "peaks": peaks,
+        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
         "dataset": dataset,
         "epochs": epochs,
         "rows": rows,
@@ -320,6 +414,15 @@ def _target(row: dict[str, Any]) -> str:
     return ", ".join(f"{text} {'✓' if ok else '✗'}" for text, ok in checks)
 
 
+def _peak_rule(report: dict[str, Any]) -> str:
+    tf32 = report.get("tf32") or {}
+    if "tf32" not in report.get("peaks", {}):
+        return f"fp32, **{report['peak_flops'] / 1e9:.1f} GFLOP/s**"
+    conv = "TF32 (cuDNN allow_tf32)" if tf32.get("cudnn") else "fp32"
+    matmul = "TF32" if tf32.get("matmul") else "fp32 (TF32 matmul off)"
+    return f"convolution FLOPs at the {conv} peak, matmul FLOPs at the {matmul} peak, a mix at the harmonic blend"
+
+
 def markdown(report: dict[str, Any], command: str) -> str:
     m = report["machine"]
     peaks = ", ".join(f"{name} {value / 1e12:.2f} TFLOP/s" for name, value in report.get("peaks", {}).items())
@@ -329,13 +432,14 @@ def markdown(report: dict[str, Any], command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Dataset {report['dataset']}; median of {report['epochs']} timed epochs after one warm-up epoch. "
-        f"Measured matmul peaks: {peaks}; % of peak is against "
-        f"**{report['peak_flops'] / 1e9:.1f} GFLOP/s**. Reference: plain PyTorch BP on the same model and batch"
-        f"{' captured in one CUDA graph' if m['device'].startswith('cuda') else ' (eager)'}.",
+        f"Measured matmul peaks: {peaks}; % of peak is against each row's own peak: "
+        f"{_peak_rule(report)}. Reference: plain PyTorch BP on the same model and batch"
+        f"{' captured in one CUDA graph' if m['device'].startswith('cuda') else ' (eager)'}. "
+        f"J/epoch and mean power: read per phase over one window of at least {ENERGY_WINDOW_S:g} s of back-to-back epochs.",
         "",
-        "| case | model | batch | epoch s | samples/s | GFLOP/s | % of peak | vs BP | vs reference | target | "
+        "| case | model | batch | epoch s | samples/s | GFLOP/s | conv share | % of peak | vs BP | vs reference | target | "
         "eval samples/s | peak mem MiB | mean power W | J/epoch | data share of BP epoch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         mem = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] else "—"
@@ -343,7 +447,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
         joules = f"{r['joules_per_epoch']:.1f}" if r.get("joules_per_epoch") is not None else "—"
         lines.append(
             f"| {r['label']} | {r['model']} | {r['batch_size']} | {r['epoch_s']:.3f} | {r['samples_per_s']:.0f} | "
-            f"{r['flops_per_s'] / 1e9:.1f} | {100 * r['peak_share']:.0f}% | {r['ratio_vs_bp']:.2f}× | "
+            f"{r['flops_per_s'] / 1e9:.1f} | {100 * r.get('conv_flop_share', 0.0):.0f}% | {100 * r['peak_share']:.0f}% | {r['ratio_vs_bp']:.2f}× | "
             f"{r['ratio_vs_reference']:.2f}× | {_target(r)} | {r['eval_samples_per_s']:.0f} | {mem} | {power} | {joules} | "
             f"{100 * r['data_share_of_bp_epoch']:.1f}% |"
         )

@@ -14,6 +14,7 @@ Contract for implementers:
 - ``train_step(x, y)`` does one update and returns detached scalar tensors, at least ``loss``.
   No ``.item()``, no host sync, no Python branching on tensor values or step counts, so the step
   can be captured (CUDA graphs, torch.compile): every step of an epoch runs the same operators.
+  A phase whose step cannot avoid a host read declares it (``uncapturable_reason``).
 - ``predict(x)`` returns class scores (argmax is the prediction) under ``torch.no_grad`` in eval
   mode and never changes weights. While a phase runs it reflects that phase (e.g. the layer being
   trained); after training (``phase is None``) it is the final inference rule.
@@ -177,6 +178,15 @@ class Algorithm(ABC):
     def capture_key(self) -> Any:
         """Steps with different keys (within a phase and batch size) run different operators, so a
         captured step needs one graph per key (override where an epoch picks what a step does)."""
+        return None
+
+    def uncapturable_reason(self) -> str | None:
+        """Why the current phase's ``train_step`` cannot be captured in a CUDA graph, or None (override).
+
+        A step that must read a tensor on the host (an adaptive solver's step size) says so here: it
+        then runs eagerly and the reason is recorded. An undeclared step that fails to capture stops
+        the run, since a failed capture leaves the process's CUDA state unusable.
+        """
         return None
 
     def end_epoch(self) -> dict[str, torch.Tensor]:

@@ -10,10 +10,13 @@ Variants (``params.variant``):
   FIXED statistics, never the statistics of the batch being predicted (the official code
   normalised the test set with its own statistics: transductive). ``rand_bn``:
   ``calibrated`` (default) adds a one-epoch ``bn_calibration`` phase that runs the training data
-  through the blocks in train mode with a cumulative average (``momentum=None``, as
-  ``torch.optim.swa_utils.update_bn``) and then freezes the running statistics; its cost counts
-  as training. ``identity`` keeps the initial running statistics (mean 0, variance 1), i.e. BN is
-  the identity up to eps, as the prior study did. (The calibration phase's validation accuracy is
+  through the blocks in train mode (each BatchNorm normalises by its batch's statistics), sums on
+  the device every BatchNorm input's per-channel batch mean and unbiased batch variance, and at the
+  epoch's end sets the running statistics to their averages over the batches: the cumulative
+  average of ``momentum=None`` (as ``torch.optim.swa_utils.update_bn``), without its host read of
+  the batch count, so the step can be captured in a CUDA graph. The statistics are then frozen;
+  their cost counts as training. ``identity`` keeps the initial running statistics (mean 0,
+  variance 1), i.e. BN is the identity up to eps, as the prior study did. (The calibration phase's validation accuracy is
   that of the untrained, all-zero predictors: chance; it trains nothing that validation could judge.)
 - ``dfa``: a first phase ``dfa`` trains the blocks by Direct Feedback Alignment (Noekland 2016).
   One forward pass through the blocks (each block's input detached), an auxiliary linear head
@@ -59,6 +62,7 @@ Deviations (declared in ``deviations``, each with its switch where one exists) a
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -233,6 +237,12 @@ class CascadedForward(Algorithm):
         self._bn_momentum = {id(m): m.momentum for m in self._batchnorms()}
         self._samples = 0  # training samples of the current epoch (closed form: the solve's n)
         self._reset_accumulators()
+        # bn_calibration: per BatchNorm, the sums over batches of its input's per-channel batch mean and
+        # unbiased batch variance, and the batch count, all on the device (set as running statistics by end_epoch)
+        self._bn_mean_sums: dict[int, torch.Tensor] = {}
+        self._bn_var_sums: dict[int, torch.Tensor] = {}
+        self._bn_batches = torch.zeros((), dtype=torch.long, device=self._device)
+        self._bn_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
     def _device(self) -> torch.device:
@@ -240,6 +250,9 @@ class CascadedForward(Algorithm):
 
     def _batchnorms(self) -> list[nn.modules.batchnorm._BatchNorm]:
         return [m for m in self.model.blocks.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def _calibrated_batchnorms(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        return [m for m in self._batchnorms() if m.track_running_stats]
 
     # -- schedule -------------------------------------------------------------------------------
     def phases(self) -> list[Phase]:
@@ -258,15 +271,12 @@ class CascadedForward(Algorithm):
 
     def begin_phase(self, phase: Phase) -> None:
         super().begin_phase(phase)
-        for bn in self._batchnorms():
-            bn.momentum = self._bn_momentum[id(bn)]
+        self._stop_calibration()
         self.optimizers = {}
         self._reset_accumulators()
         if phase.name == "bn_calibration":
             self._mode = "calibrate"
-            for bn in self._batchnorms():
-                bn.reset_running_stats()
-                bn.momentum = None  # cumulative average over the whole epoch
+            self._start_calibration()
             self._active, self._readout = [], list(range(self.num_blocks))
             return
         if phase.name == "dfa":
@@ -290,6 +300,9 @@ class CascadedForward(Algorithm):
             self.optimizers[phase.name] = make_optimizer(params, self.settings)
 
     def begin_epoch(self, clock: EpochClock) -> None:
+        if self._mode == "calibrate":
+            for acc in [*self._bn_mean_sums.values(), *self._bn_var_sums.values(), self._bn_batches]:
+                acc.zero_()  # in place: a captured step keeps adding into the same tensors
         if self._mode == "predictors" and self.closed_form:
             self._samples = clock.samples
             if not self._gram:
@@ -298,6 +311,9 @@ class CascadedForward(Algorithm):
                 acc.zero_()  # in place: a captured step keeps accumulating into the same tensors
 
     def end_epoch(self) -> dict[str, torch.Tensor]:
+        if self._mode == "calibrate":
+            self._set_calibrated_statistics()
+            return {}
         if self._mode != "predictors" or not self.closed_form:
             return {}
         mse = self._solve().float()
@@ -305,9 +321,45 @@ class CascadedForward(Algorithm):
 
     def end_training(self) -> None:
         super().end_training()
+        self._stop_calibration()
         self._mode = "final"
         self._active, self._readout = [], list(range(self.num_blocks))
         self._reset_accumulators()
+
+    # -- BatchNorm calibration (rand_bn=calibrated) -----------------------------------------------
+    def _start_calibration(self) -> None:
+        """Reset every BatchNorm's running statistics and sum its input's batch statistics from now on."""
+        for i, bn in enumerate(self._calibrated_batchnorms()):
+            bn.reset_running_stats()
+            bn.momentum = 0.0  # normalise by the batch; the running statistics stay put until end_epoch sets them
+            self._bn_mean_sums[i] = torch.zeros_like(bn.running_mean)
+            self._bn_var_sums[i] = torch.zeros_like(bn.running_var)
+            self._bn_hooks.append(bn.register_forward_pre_hook(functools.partial(self._sum_batch_statistics, i)))
+
+    def _sum_batch_statistics(self, index: int, bn: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Forward pre-hook of BatchNorm ``index``: add its input's per-channel batch mean and unbiased variance."""
+        if not bn.training:  # evaluation passes read the running statistics; they add nothing
+            return
+        h = inputs[0].detach().float()
+        var, mean = torch.var_mean(h, dim=[0, *range(2, h.dim())], correction=1)
+        self._bn_mean_sums[index].add_(mean)
+        self._bn_var_sums[index].add_(var)
+
+    def _set_calibrated_statistics(self) -> None:
+        """Running statistics = the averages over the epoch's batches (torch's ``momentum=None`` rule)."""
+        with torch.no_grad():
+            for i, bn in enumerate(self._calibrated_batchnorms()):
+                bn.running_mean.copy_(self._bn_mean_sums[i] / self._bn_batches)
+                bn.running_var.copy_(self._bn_var_sums[i] / self._bn_batches)
+                bn.num_batches_tracked.copy_(self._bn_batches)
+
+    def _stop_calibration(self) -> None:
+        for handle in self._bn_hooks:
+            handle.remove()
+        self._bn_hooks = []
+        self._bn_mean_sums, self._bn_var_sums = {}, {}
+        for bn in self._batchnorms():
+            bn.momentum = self._bn_momentum[id(bn)]
 
     # -- modes ----------------------------------------------------------------------------------
     def train_mode(self) -> None:
@@ -351,7 +403,8 @@ class CascadedForward(Algorithm):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         if self._mode == "calibrate":
             with torch.no_grad():
-                self._features(x, self.num_blocks - 1)  # BN layers accumulate their statistics
+                self._features(x, self.num_blocks - 1)  # the BatchNorm pre-hooks sum this batch's statistics
+            self._bn_batches.add_(1)
             return {"loss": torch.zeros((), device=x.device)}
         if self._mode == "dfa":
             return self._dfa_step(x, y)

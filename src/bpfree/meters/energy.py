@@ -4,15 +4,29 @@ Energy is read only at window boundaries (phase/epoch), never inside a training 
 counter can be read, the energy is ``None`` with the reason; it is never reported as 0. A meter
 fault (library missing, permission denied, a counter that goes backwards) turns the value into
 ``None`` with the reason and never fails the run.
+
+Short windows. NVML's total-energy counter is refreshed every 20-100 ms, so a window's reading is
+off by up to one refresh period's energy (the counter is stale by up to a period at each edge): a
+window of a few tens of milliseconds reads 0 J or one quantum. A window is therefore read only when
+it spans at least ``WINDOW_PERIODS`` refresh periods of its slowest counter (NVML: 10 x 100 ms = 1 s,
+error <= 10 %); a shorter window's energy is ``None`` with the reason, never 0 or a quantum.
+Captured GPU epochs of small networks are that short: ``bpfree bench`` measures their J/epoch over
+one window of many back-to-back epochs instead.
 """
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+NVML_REFRESH_S = 0.1  # NVML's total-energy counter is refreshed every 20-100 ms: the worst case
+RAPL_REFRESH_S = 0.001  # RAPL energy status registers update about every millisecond
+WINDOW_PERIODS = 10  # a window is read only when it spans this many refresh periods of its slowest counter
 
 
 @dataclass
@@ -60,13 +74,14 @@ def cpu_energy_counter_readable() -> bool:
     return False
 
 
-def _probe_zeus(device: torch.device) -> tuple[Any | None, str, str | None]:
-    """Build a ZeusMonitor over the counters that exist; return (monitor, method, reason-if-none)."""
+def _probe_zeus(device: torch.device) -> tuple[Any | None, str, str | None, float]:
+    """Build a ZeusMonitor over the counters that exist; return (monitor, method, reason-if-none,
+    the refresh period of its slowest counter in seconds)."""
     try:
         from zeus.device import get_cpus, get_gpus
         from zeus.monitor import ZeusMonitor
     except Exception as exc:  # ImportError, or a broken install
-        return None, "", f"zeus unavailable ({type(exc).__name__}: {exc})"
+        return None, "", f"zeus unavailable ({type(exc).__name__}: {exc})", 0.0
     gpu_indices: list[int] = []
     cpu_indices: list[int] = []
     reasons = []
@@ -88,30 +103,42 @@ def _probe_zeus(device: torch.device) -> tuple[Any | None, str, str | None]:
     except Exception as exc:
         reasons.append(f"CPU: {str(exc).strip()} (no readable /sys/class/powercap)")
     if not gpu_indices and not cpu_indices:
-        return None, "", "; ".join(reasons) or "no energy counter found"
+        return None, "", "; ".join(reasons) or "no energy counter found", 0.0
     try:
         monitor = ZeusMonitor(gpu_indices=gpu_indices, cpu_indices=cpu_indices, sync_execution_with="torch")
     except Exception as exc:
-        return None, "", f"zeus monitor failed to start ({type(exc).__name__}: {exc})"
+        return None, "", f"zeus monitor failed to start ({type(exc).__name__}: {exc})", 0.0
     parts = []
     if gpu_indices:
         parts.append(f"NVML total-energy counter, GPU {gpu_indices[0]}")
     if cpu_indices:
         parts.append(f"RAPL, {len(cpu_indices)} CPU package(s)")
-    return monitor, "zeus: " + " + ".join(parts), None
+    return monitor, "zeus: " + " + ".join(parts), None, NVML_REFRESH_S if gpu_indices else RAPL_REFRESH_S
 
 
 class EnergyMeter:
-    """Energy over begin/end windows. ``monitor_factory`` exists so tests can inject fake counters."""
+    """Energy over begin/end windows. ``monitor_factory`` exists so tests can inject fake counters.
+
+    The factory returns (monitor, method, reason-if-none) and optionally, fourth, the refresh period
+    of the monitor's slowest counter in seconds (0 or absent: every window is read).
+    """
 
     def __init__(
         self,
         device: torch.device,
-        monitor_factory: Callable[[torch.device], tuple[Any | None, str, str | None]] = _probe_zeus,
+        monitor_factory: Callable[[torch.device], tuple[Any, ...]] = _probe_zeus,
     ) -> None:
-        self.monitor, self.method, self.reason = monitor_factory(device)
+        probe = monitor_factory(device)
+        self.monitor, self.method, self.reason = probe[0], probe[1], probe[2]
+        self.refresh_s = float(probe[3]) if len(probe) > 3 else 0.0
         self._window = 0
         self._open: str | None = None
+        self._opened_at = 0.0
+
+    @property
+    def min_window_s(self) -> float:
+        """The shortest window whose energy is read (``WINDOW_PERIODS`` refresh periods of the slowest counter)."""
+        return WINDOW_PERIODS * self.refresh_s
 
     @property
     def available(self) -> bool:
@@ -142,6 +169,7 @@ class EnergyMeter:
         try:
             self.monitor.begin_window(key, sync_execution=True)
             self._open = key
+            self._opened_at = time.perf_counter()
         except Exception as exc:
             self._fail(f"energy counter failed at window start ({type(exc).__name__}: {exc})")
 
@@ -150,10 +178,18 @@ class EnergyMeter:
             return EnergyReading(None, reason=self.reason)
         key, self._open = self._open, None
         try:
-            measurement = self.monitor.end_window(key, sync_execution=True)
+            with warnings.catch_warnings():  # Zeus warns of 0 J windows; short windows are handled below
+                warnings.filterwarnings("ignore", message="The energy consumption of one or more GPUs was measured as zero")
+                measurement = self.monitor.end_window(key, sync_execution=True)
         except Exception as exc:
             self._fail(f"energy counter failed at window end ({type(exc).__name__}: {exc})")
             return EnergyReading(None, reason=self.reason)
+        seconds = time.perf_counter() - self._opened_at
+        if seconds < self.min_window_s:
+            return EnergyReading(None, reason=(
+                f"windows shorter than {self.min_window_s:g} s are not read: the energy counter is refreshed only "
+                f"every {1000 * self.refresh_s:g} ms (this window: {1000 * seconds:.0f} ms)"
+            ))
         gpu = sum(measurement.gpu_energy.values()) if measurement.gpu_energy else None
         cpu_parts = [v for v in (measurement.cpu_energy or {}).values() if v is not None]
         dram_parts = [v for v in (getattr(measurement, "dram_energy", None) or {}).values() if v is not None]
