@@ -2,45 +2,54 @@
 
     python benchmarks/noprop_depth.py [--depths 2 5 10 20] [--shape c32,h256] [--dataset mnist]
                                       [--batch 128] [--epochs 2] [--device auto] [--parallel/--sequential]
-                                      [--plot noprop_depth.png]
+                                      [--plot noprop_depth.png | --no-plot] [--jsonl rows.jsonl]
 
 NoProp's claims: blocks train independently (so in parallel), with less memory, scaling better with
 depth than backprop through the whole chain. Each row trains NoProp-DT (``loop: joint``; the T blocks
 in one vmap'd, captured step with ``--parallel``) and BP on the identical ``noprop:T,...`` network
 through ``bpfree.bench.measure`` (the engine's own loop: median epoch after a warm-up epoch; peak
-memory of the training windows). Prints a markdown table and writes a plot of both against T.
+memory of the training windows; no energy windows). Prints the markdown table row by row as each
+depth finishes (``--jsonl`` also appends each row as one JSON line), then writes a plot of both
+against T.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Iterator
 
 from bpfree.bench import BenchCase, measure
+from bpfree.escape import markdown
+from bpfree.fileio import append_line
+
+HEADER = [
+    "| T | model | NoProp epoch s | BP epoch s | time vs BP | NoProp peak MiB | BP peak MiB | memory vs BP |",
+    "|---:|---|---:|---:|---:|---:|---:|---:|",
+]
 
 
-def sweep(depths: list[int], shape: str, dataset: str, batch: int, epochs: int, device: str, parallel: bool) -> list[dict]:
-    rows = []
+def sweep(depths: list[int], shape: str, dataset: str, batch: int, epochs: int, device: str, parallel: bool) -> Iterator[dict]:
+    """One row per depth, yielded as soon as it is measured."""
     for depth in depths:
         model = f"noprop:{depth},{shape}" if shape else f"noprop:{depth}"
-        noprop = measure(BenchCase("NoProp-DT", "noprop", model, batch, {"parallel": parallel}), dataset, epochs, device)
-        bp = measure(BenchCase("BP", "bp", model, batch), dataset, epochs, device)
-        rows.append({"T": depth, "model": model, "noprop": noprop, "bp": bp})
-    return rows
+        case = BenchCase("NoProp-DT", "noprop", model, batch, {"parallel": parallel})
+        noprop = measure(case, dataset, epochs, device, measure_energy=False)
+        bp = measure(BenchCase("BP", "bp", model, batch), dataset, epochs, device, measure_energy=False)
+        yield {"T": depth, "model": model, "parallel": parallel, "noprop": noprop, "bp": bp}
+
+
+def row_line(r: dict) -> str:
+    n, b = r["noprop"], r["bp"]
+    nm, bm = n["peak_memory_bytes"] or 0, b["peak_memory_bytes"] or 0
+    return (
+        f"| {r['T']} | {markdown(r['model'])} | {n['epoch_s']:.3f} | {b['epoch_s']:.3f} | {n['epoch_s'] / b['epoch_s']:.2f}× | "
+        f"{nm / 2**20:.0f} | {bm / 2**20:.0f} | {nm / bm if bm else float('nan'):.2f}× |"
+    )
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| T | model | NoProp epoch s | BP epoch s | time vs BP | NoProp peak MiB | BP peak MiB | memory vs BP |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        n, b = r["noprop"], r["bp"]
-        nm, bm = n["peak_memory_bytes"] or 0, b["peak_memory_bytes"] or 0
-        lines.append(
-            f"| {r['T']} | {r['model']} | {n['epoch_s']:.3f} | {b['epoch_s']:.3f} | {n['epoch_s'] / b['epoch_s']:.2f}× | "
-            f"{nm / 2**20:.0f} | {bm / 2**20:.0f} | {nm / bm if bm else float('nan'):.2f}× |"
-        )
-    return "\n".join(lines)
+    return "\n".join(HEADER + [row_line(r) for r in rows])
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -72,14 +81,21 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--plot", default="noprop_depth.png")
+    parser.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="write no plot")
+    parser.add_argument("--jsonl", default=None, help="append each row to this file as one JSON line, as it finishes")
     args = parser.parse_args()
-    rows = sweep(args.depths, args.shape, args.dataset, args.batch, args.epochs, args.device, args.parallel)
-    device = rows[0]["noprop"]["device"] if rows else args.device
-    print(f"NoProp-DT vs BP twin by depth ({args.dataset}, batch {args.batch}, {device}, "
+    print(f"NoProp-DT vs BP twin by depth ({args.dataset}, batch {args.batch}, {args.device}, "
           f"{'parallel' if args.parallel else 'sequential'} blocks)\n")
-    print(table(rows))
-    plot(rows, args.plot, f"NoProp-DT vs BP by depth ({device})")
-    print(f"\nplot: {args.plot}")
+    print("\n".join(HEADER), flush=True)
+    rows = []
+    for row in sweep(args.depths, args.shape, args.dataset, args.batch, args.epochs, args.device, args.parallel):
+        rows.append(row)
+        print(row_line(row), flush=True)
+        if args.jsonl:
+            append_line(args.jsonl, json.dumps(row, allow_nan=False))
+    if args.plot and rows:
+        plot(rows, args.plot, f"NoProp-DT vs BP by depth ({rows[0]['noprop']['device']})")
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from bpfree.build import build_run, resolve_device
 from bpfree.capture import CapturedStep, warmup_stream
 from bpfree.config import RunConfig, build_config
 from bpfree.data import train_batches
+from bpfree.fileio import atomic_write_text, read_bounded
 from bpfree.loop import EpochOutcome, epoch_clock, evaluate, train_epoch
 from bpfree.meters.cpu import flush_denormal_scope
 from bpfree.meters.energy import EnergyMeter
@@ -42,6 +43,8 @@ from bpfree.meters.flops import FlopLedger, flop_counter
 from bpfree.meters.memory import MemoryMeter
 from bpfree.meters.timer import synchronize
 
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
+MAX_MARKDOWN_BYTES = 16 * 2**20
 ENERGY_WINDOW_S = 2.0  # J/epoch is read over back-to-back epochs lasting at least this long
 MAX_ENERGY_EPOCHS = 1000  # ... or this many epochs, whichever comes first
 
@@ -459,15 +462,11 @@ def markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_benchmarks_md(path: Path, section: str) -> None:
-    """Replace the generated block of BENCHMARKS.md (between markers), keeping hand-written text."""
-    from bpfree.fileio import atomic_write_text
-
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n" + start + "\n" + end + "\n"
+def write_benchmarks_md(path: Path, section: str, start: str = BENCH_START, end: str = BENCH_END) -> None:
+    """Replace the generated block of BENCHMARKS.md (between the markers), keeping hand-written text."""
+    text = read_bounded(path, MAX_MARKDOWN_BYTES).decode("utf-8") if path.exists() else "# Benchmarks\n\n" + start + "\n" + end + "\n"
     if start not in text:
         text += "\n" + start + "\n" + end + "\n"
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    new = head + start + "\n" + section + end + tail
-    atomic_write_text(path, new)
+    atomic_write_text(path, head + start + "\n" + section + end + tail)

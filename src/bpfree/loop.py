@@ -33,8 +33,10 @@ StepCallback = Callable[[int, int], None]  # (steps done, steps in the epoch); n
 class MeasuredWindow:
     """Wall time, energy and peak memory over one window; :meth:`excluded` carves a stretch out.
 
-    Energy is ``None`` when no counter is readable (``reason`` says why) or when any part of the
-    window failed to read; it is never 0 for "unknown".
+    Energy is ``None`` when no counter is readable (``reason`` says why), when any part of the
+    window failed to read, or when its parts are too short for the counter's refresh period
+    (``EnergyMeter.too_short``: an epoch split around FLOP probes is judged as the sum of its parts);
+    it is never 0 for "unknown".
     """
 
     def __init__(self, device: torch.device, energy: EnergyMeter | None = None, memory: MemoryMeter | None = None) -> None:
@@ -51,6 +53,8 @@ class MeasuredWindow:
         self.peak_memory_bytes: int | None = None
         self.components: dict[str, float | None] | None = None  # energy by component (gpu, cpu_package, dram)
         self._start: float | None = None
+        self._energy_windows = 0  # counter windows read (one per stretch between excluded ones)
+        self._energy_seconds = 0.0  # their total length as the meter timed them
 
     def __enter__(self) -> MeasuredWindow:
         if self.memory is not None:
@@ -62,6 +66,10 @@ class MeasuredWindow:
         self._close()
         if self.memory is not None:
             self.peak_memory_bytes = self.memory.peak()
+        if self.energy is not None and self.joules is not None:
+            short = self.energy.too_short(self._energy_seconds, self._energy_windows)
+            if short is not None:
+                self.joules, self.components, self.reason = None, None, short
 
     def _open(self) -> None:
         if self.energy is not None:
@@ -77,7 +85,9 @@ class MeasuredWindow:
         self.cpu_seconds += time.process_time() - self._cpu_start
         self._start = None
         if self.energy is not None:
-            reading = self.energy.end()
+            reading = self.energy.end(raw=True)  # judged as a whole in __exit__
+            self._energy_windows += 1
+            self._energy_seconds += reading.seconds or 0.0
             self.components = add_components(self.components, reading) if reading.joules is not None else self.components
             if reading.joules is None:
                 self.joules, self.reason = None, self.reason or reading.reason

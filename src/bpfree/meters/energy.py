@@ -9,7 +9,8 @@ Short windows. NVML's total-energy counter is refreshed every 20-100 ms, so a wi
 off by up to one refresh period's energy (the counter is stale by up to a period at each edge): a
 window of a few tens of milliseconds reads 0 J or one quantum. A window is therefore read only when
 it spans at least ``WINDOW_PERIODS`` refresh periods of its slowest counter (NVML: 10 x 100 ms = 1 s,
-error <= 10 %); a shorter window's energy is ``None`` with the reason, never 0 or a quantum.
+error <= 10 %); a shorter window's energy is ``None`` with the reason, never 0 or a quantum. A
+measurement made of k windows (an epoch split around its FLOP probes) needs k times that in all.
 Captured GPU epochs of small networks are that short: ``bpfree bench`` measures their J/epoch over
 one window of many back-to-back epochs instead.
 """
@@ -36,6 +37,7 @@ class EnergyReading:
     cpu_joules: float | None = None  # CPU packages plus DRAM (the two RAPL domains summed)
     reason: str | None = None
     dram_joules: float | None = None  # the DRAM part of cpu_joules, where RAPL exposes it
+    seconds: float | None = None  # the window's length as the meter timed it
 
     def components(self) -> dict[str, float | None]:
         package = None if self.cpu_joules is None else self.cpu_joules - (self.dram_joules or 0.0)
@@ -173,7 +175,21 @@ class EnergyMeter:
         except Exception as exc:
             self._fail(f"energy counter failed at window start ({type(exc).__name__}: {exc})")
 
-    def end(self) -> EnergyReading:
+    def too_short(self, seconds: float, windows: int = 1) -> str | None:
+        """Why readings of ``windows`` windows lasting ``seconds`` in all are not energy, or None when they are.
+
+        Each window's reading may be off by one refresh period's energy, so k windows need k minimum windows.
+        """
+        if seconds >= windows * self.min_window_s:
+            return None
+        return (
+            f"energy not read: windows shorter than {self.min_window_s:g} s each (here {1000 * seconds:.0f} ms in {windows}), "
+            f"and the energy counter is refreshed only every {1000 * self.refresh_s:g} ms"
+        )
+
+    def end(self, raw: bool = False) -> EnergyReading:
+        """The window's energy; ``None`` with the reason when it is shorter than ``min_window_s`` (unless
+        ``raw``: then the counters' difference as read, for a caller that judges several windows together)."""
         if self.monitor is None or self._open is None:
             return EnergyReading(None, reason=self.reason)
         key, self._open = self._open, None
@@ -185,11 +201,9 @@ class EnergyMeter:
             self._fail(f"energy counter failed at window end ({type(exc).__name__}: {exc})")
             return EnergyReading(None, reason=self.reason)
         seconds = time.perf_counter() - self._opened_at
-        if seconds < self.min_window_s:
-            return EnergyReading(None, reason=(
-                f"windows shorter than {self.min_window_s:g} s are not read: the energy counter is refreshed only "
-                f"every {1000 * self.refresh_s:g} ms (this window: {1000 * seconds:.0f} ms)"
-            ))
+        short = None if raw else self.too_short(seconds)
+        if short is not None:
+            return EnergyReading(None, reason=short, seconds=seconds)
         gpu = sum(measurement.gpu_energy.values()) if measurement.gpu_energy else None
         cpu_parts = [v for v in (measurement.cpu_energy or {}).values() if v is not None]
         dram_parts = [v for v in (getattr(measurement, "dram_energy", None) or {}).values() if v is not None]
@@ -201,7 +215,7 @@ class EnergyMeter:
         if any(v < 0 for v in values):
             # A wrapped counter that the backend did not correct: the window's value is unknown.
             return EnergyReading(None, gpu, cpu, reason="energy counter went backwards (wrap-around not corrected)", dram_joules=dram)
-        return EnergyReading(float(sum(values)), gpu, cpu, dram_joules=dram)
+        return EnergyReading(float(sum(values)), gpu, cpu, dram_joules=dram, seconds=seconds)
 
     def _fail(self, reason: str) -> None:
         self.monitor = None
