@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bpfree import bench
 from bpfree.bench import BenchCase, conv_flop_share, measure, row_peak
 from bpfree.build import build_run
 from bpfree.capture import CapturedStep, CaptureError, warmup_stream
@@ -462,3 +463,20 @@ def test_a_paper_config_past_its_budget_is_reported_as_its_first_epochs(tmp_path
     row = next(line for line in text.splitlines() if line.startswith("| mf\\_mnist\\_mlp\\_2x1000"))
     assert "first 1 epoch \\(budget\\)" in row and "| 1 (6) |" in row and "98.14 ± 0.02" in row  # beside prior-study §4.2
     assert "Not run within the call's time limit: bp\\_mnist\\_cnn3" in text and "NoProp-DT depth sweep: no result" in text
+
+
+def test_a_failing_bench_case_costs_only_its_own_row(monkeypatch, one_thread):
+    real = bench.measure
+
+    def measure_or_fail(case, *args, **kwargs):
+        if case.algorithm == "mf":
+            raise CaptureError("CUDA graph capture of the mf step train/512 failed (RuntimeError: boom)")
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", measure_or_fail)
+    monkeypatch.setattr(bench, "matmul_peaks", lambda device: {"fp32": 1e11})  # not under test here
+    cases = (BenchCase("MF", "mf", "mlp:1x16", 512), BenchCase("BP", "bp", "mlp:1x16", 512))
+    report = bench.run_bench(cases, "mnist5k", 1, "cpu")
+    assert [row["label"] for row in report["rows"]] == ["BP"]
+    assert report["skipped"] == ["MF: failed (CaptureError: CUDA graph capture of the mf step train/512 failed (RuntimeError: boom))"]
+    assert "Skipped: MF: failed" in bench.markdown(report, "bpfree bench")

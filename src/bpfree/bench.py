@@ -28,12 +28,14 @@ from typing import Any
 
 import torch
 
+from bpfree import escape
 from bpfree.algorithms import algorithm_names
 from bpfree.algorithms.base import Algorithm, Phase
 from bpfree.build import build_run, resolve_device
 from bpfree.capture import CapturedStep, warmup_stream
 from bpfree.config import RunConfig, build_config
 from bpfree.data import train_batches
+from bpfree.errors import UserError
 from bpfree.fileio import atomic_write_text, read_bounded
 from bpfree.loop import EpochOutcome, epoch_clock, evaluate, train_epoch
 from bpfree.meters.cpu import flush_denormal_scope
@@ -339,6 +341,39 @@ def _reference_bp_epoch(cfg: RunConfig, batch_size: int, epochs: int) -> dict[st
     return {"epoch_s": statistics.median(times), "captured": graph is not None}
 
 
+def _bench_case(
+    case: BenchCase, dataset: str, epochs: int, device: str, dev: torch.device, peaks: dict[str, float],
+    bp_cache: dict[tuple[str, int], dict[str, Any]], reference_cache: dict[tuple[str, int], dict[str, Any]], progress,
+) -> dict[str, Any]:
+    """One row: the case next to its BP twin and the reference step (both measured once per model and batch)."""
+    twin_key = (case.model, case.batch_size)
+    if twin_key not in bp_cache:
+        if progress:
+            progress(f"BP {case.model} b{case.batch_size}")
+        bp_cache[twin_key] = measure(BenchCase("BP", "bp", case.model, case.batch_size), dataset, epochs, device)
+        if progress:
+            progress(f"reference BP {case.model} b{case.batch_size}")
+        reference_cache[twin_key] = reference_bp_epoch(case.model, case.batch_size, dataset, device, epochs)
+    bp, reference = bp_cache[twin_key], reference_cache[twin_key]
+    if case.algorithm == "bp":
+        row = dict(bp, label=case.label)
+    else:
+        if progress:
+            progress(f"{case.label} {case.model} b{case.batch_size}")
+        row = measure(case, dataset, epochs, device)
+    row["bp_epoch_s"] = bp["epoch_s"]
+    row["ratio_vs_bp"] = row["epoch_s"] / bp["epoch_s"]
+    row["reference_epoch_s"] = reference["epoch_s"]
+    row["ratio_vs_reference"] = row["epoch_s"] / reference["epoch_s"]
+    row["peak_flops"] = row_peak(peaks, row["conv_flop_share"], dev)
+    row["peak_share"] = row["flops_per_s"] / row["peak_flops"]
+    row["data_share_of_bp_epoch"] = bp["data_s"] / bp["epoch_s"]
+    row["target_ratio"] = case.target_ratio
+    row["target_vs_reference"] = case.target_vs_reference
+    row["target_epoch_s"] = case.target_epoch_s
+    return row
+
+
 def run_bench(
     cases: tuple[BenchCase, ...] | None = None,
     dataset: str = "mnist5k",
@@ -347,7 +382,10 @@ def run_bench(
     progress=None,
 ) -> dict[str, Any]:
     """Measure the matmul peaks, then every case next to its BP twin (same model, batch and data) and
-    next to the plain-PyTorch reference step of that model (captured on CUDA)."""
+    next to the plain-PyTorch reference step of that model (captured on CUDA).
+
+    A case that fails (anything but a user error, which stops the bench) is listed under ``skipped``
+    with its error, and the other cases still run."""
     registered = set(algorithm_names())
     dev = resolve_device(device)
     cases = default_cases(dev) if cases is None else cases
@@ -361,32 +399,13 @@ def run_bench(
         if case.algorithm not in registered:
             skipped.append(f"{case.label}: algorithm {case.algorithm!r} not available")
             continue
-        twin_key = (case.model, case.batch_size)
-        if twin_key not in bp_cache:
-            if progress:
-                progress(f"BP {case.model} b{case.batch_size}")
-            bp_cache[twin_key] = measure(BenchCase("BP", "bp", case.model, case.batch_size), dataset, epochs, device)
-            if progress:
-                progress(f"reference BP {case.model} b{case.batch_size}")
-            reference_cache[twin_key] = reference_bp_epoch(case.model, case.batch_size, dataset, device, epochs)
-        bp, reference = bp_cache[twin_key], reference_cache[twin_key]
-        if case.algorithm == "bp":
-            row = dict(bp, label=case.label)
-        else:
-            if progress:
-                progress(f"{case.label} {case.model} b{case.batch_size}")
-            row = measure(case, dataset, epochs, device)
-        row["bp_epoch_s"] = bp["epoch_s"]
-        row["ratio_vs_bp"] = row["epoch_s"] / bp["epoch_s"]
-        row["reference_epoch_s"] = reference["epoch_s"]
-        row["ratio_vs_reference"] = row["epoch_s"] / reference["epoch_s"]
-        row["peak_flops"] = row_peak(peaks, row["conv_flop_share"], dev)
-        row["peak_share"] = row["flops_per_s"] / row["peak_flops"]
-        row["data_share_of_bp_epoch"] = bp["data_s"] / bp["epoch_s"]
-        row["target_ratio"] = case.target_ratio
-        row["target_vs_reference"] = case.target_vs_reference
-        row["target_epoch_s"] = case.target_epoch_s
-        rows.append(row)
+        try:
+            rows.append(_bench_case(case, dataset, epochs, device, dev, peaks, bp_cache, reference_cache, progress))
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one broken case must not cost the others their rows
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            skipped.append(f"{case.label}: failed ({type(exc).__name__}: {message})")
     return {
         "peak_flops": peak,
         "peaks": peaks,
@@ -456,9 +475,9 @@ def markdown(report: dict[str, Any], command: str) -> str:
         )
     reasons = sorted({r["energy_reason"] for r in report["rows"] if r.get("energy_reason")})
     if reasons:
-        lines.append(f"\nEnergy not measured: {'; '.join(reasons)}")
+        lines.append(f"\nEnergy not measured: {'; '.join(escape.markdown(r) for r in reasons)}")
     for note in report["skipped"]:
-        lines.append(f"\nSkipped: {note}")
+        lines.append(f"\nSkipped: {escape.markdown(note)}")
     return "\n".join(lines) + "\n"
 
 
