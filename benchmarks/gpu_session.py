@@ -211,7 +211,7 @@ def tests_bench(session: Session) -> None:
                       f"--junitxml={junit}"],
         b.tests_s, env={"BPFREE_GPU_TESTS": "1"},
     )
-    session.summary["tests"] = junit_summary(junit)
+    session.summary["tests"] = {**junit_summary(junit), "command": f"BPFREE_GPU_TESTS=1 pytest -m '{marker}' tests/test_gpu.py"}
     session.save()
     report = session.logs / "bench.json"
     argv = [sys.executable, str(Path(__file__)), "worker-bench", "--device", session.device, "--json", str(report)]

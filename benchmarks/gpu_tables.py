@@ -45,6 +45,11 @@ PRIOR_STUDY = {
 }
 
 
+def code(text: Any) -> str:
+    """A Markdown code span (escapes do not apply inside one; a backtick would end it)."""
+    return "`" + str(text).replace("`", "'").replace("\n", " ") + "`"
+
+
 def load(directory: Path, call: str) -> dict[str, Any] | None:
     path = directory / f"summary-{call}.json"
     return load_json(path, max_bytes=SUMMARY_BYTES) if path.is_file() else None
@@ -71,7 +76,7 @@ def tests_section(summary: dict[str, Any]) -> list[str]:
         return ["GPU tests: no result."]
     if "error" in tests:
         return [f"GPU tests: {md(tests['error'])}."]
-    lines = [f"GPU tests (`pytest -m gpu tests/test_gpu.py`): {tests['passed']} passed, {tests['failures']} failed, "
+    lines = [f"GPU tests ({code(tests.get('command', 'pytest -m gpu tests/test_gpu.py'))}): {tests['passed']} passed, {tests['failures']} failed, "
              f"{tests['errors']} errors, {tests['skipped']} skipped."]
     for failed in tests.get("failed", []):
         message = md(failed["message"].splitlines()[0] if failed["message"] else "")
@@ -81,7 +86,7 @@ def tests_section(summary: dict[str, Any]) -> list[str]:
 
 def target_rows(report: dict[str, Any]) -> list[str]:
     lines = [
-        "| case | model | batch | epoch s | vs BP | vs captured reference | target | met | % of peak | J/epoch | CUDA graphs |",
+        "| case | model | batch | epoch s | vs BP | vs reference | target | met | % of peak | J/epoch | CUDA graphs |",
         "|---|---|---:|---:|---:|---:|---|---|---:|---:|---|",
     ]
     for r in report.get("rows", []):
@@ -110,7 +115,7 @@ def bench_section(summary: dict[str, Any]) -> list[str]:
         return ["`bpfree bench`: no result (see the session's logs)."]
     command = report.get("command", "bpfree bench --device cuda --dataset mnist")
     captured = " captured in one CUDA graph" if str(report.get("machine", {}).get("device", "")).startswith("cuda") else " (eager)"
-    lines = [f"Targets (`{md(command)}`; epoch = median of {report['epochs']} timed epochs after a warm-up epoch; the reference "
+    lines = [f"Targets ({code(command)}; epoch = median of {report['epochs']} timed epochs after a warm-up epoch; the reference "
              f"is plain PyTorch BP on the same model and batch{captured}):", ""]
     lines += target_rows(report) + ["", "The whole `bpfree bench` table:", ""]
     lines.append(bench_markdown(report, command).replace("### ", "#### ", 1))
@@ -122,7 +127,7 @@ def depth_section(summary: dict[str, Any], plot_path: Path | None, link: str | N
     rows = sorted(depth.get("rows", []), key=lambda r: r["T"])
     if not rows:
         return ["NoProp-DT depth sweep: no result."]
-    lines = [f"NoProp-DT (parallel blocks) against its BP twin by depth (`{md(depth['command'])}`; {md(depth['dataset'])}, batch "
+    lines = [f"NoProp-DT (parallel blocks) against its BP twin by depth ({code(depth['command'])}; {md(depth['dataset'])}, batch "
              f"{depth['batch']}, median of {depth['epochs']} timed epochs after a warm-up epoch; peak memory of the training windows):", "",
              "| T | model | NoProp epoch s | BP epoch s | time vs BP | NoProp peak MiB | BP peak MiB | memory vs BP |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]

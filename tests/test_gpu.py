@@ -153,7 +153,7 @@ def test_captured_steps_compute_what_eager_steps_compute(device, case, one_threa
     tolerance = 1e-3 if device == "cuda" else 1e-6
     for got, want in zip(captured["curves"], eager["curves"]):
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=tolerance, abs=1e-6), (got, want)
-    assert captured["test_accuracy"] == pytest.approx(eager["test_accuracy"], abs=0.005)
+    assert captured["test_accuracy"] == pytest.approx(eager["test_accuracy"], abs=0.01 if device == "cuda" else 1e-9)
     assert all(v > 0 for v in captured["flops_per_step"].values())
     if case != "noprop-paper-small":  # two epochs of a 2-block chain, one block each: near chance
         assert captured["test_accuracy"] > 0.5
