@@ -119,20 +119,6 @@ def test_export_errors_are_one_line(tmp_path, monkeypatch):
         export.export_tables(tmp_path, tmp_path / "x", "parquet")
 
 
-def test_mlflow_logging_to_a_file_store(two_runs, tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow", reason="mlflow not installed (the 'mlflow' extra)")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # offline: the file store, no server
-    from bpfree.tracking import log_to_mlflow
-
-    run_dir = next(p.parent for p in two_runs.glob("*/result.json"))
-    uri = (tmp_path / "mlruns").as_uri()
-    run_id = log_to_mlflow(run_dir, uri)
-    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
-    run = client.get_run(run_id)
-    assert run.data.params["algorithm"] == "mf" and "test_accuracy" in run.data.metrics
-    assert len(client.get_metric_history(run_id, "val_accuracy")) == 2
-
-
 def test_report_formats_for_non_terminals(two_runs, tmp_path):
     from typer.testing import CliRunner
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from bpfree.config import RunConfig, build_config, read_yaml_mapping
 from bpfree.results import Result, load_results_frame
+from bpfree.tracking import check_options
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,21 +47,20 @@ def run(
     *,
     keep_checkpoint: bool = False,
     mlflow: str | None = None,
+    tensorboard: str | Path | None = None,
     **overrides: Any,
 ) -> Result:
     """Train one run and return its typed result (also written to ``<output>/<run_id>/result.json``).
 
     ``bpfree.run("quick/mf_mnist5k.yaml", epochs=2, seed=1)`` or ``bpfree.run({"algorithm": "mf"})``;
-    ``mlflow="file:./mlruns"`` also logs it to that MLflow tracking URI.
+    ``mlflow="sqlite:///mlflow.db"`` logs each epoch to that MLflow tracking URI as it ends,
+    ``tensorboard="tb"`` to TensorBoard under ``tb/<run_id>``.
     """
     from bpfree.runner import execute
 
     cfg = make_config(config, **overrides)
-    run_dir, record = execute(cfg, keep_checkpoint=keep_checkpoint)
-    if mlflow:
-        from bpfree.tracking import log_to_mlflow
-
-        log_to_mlflow(run_dir, mlflow)
+    tracking = check_options(mlflow, Path(tensorboard) if tensorboard is not None else None)
+    run_dir, record = execute(cfg, keep_checkpoint=keep_checkpoint, tracking=tracking)
     result = Result.model_validate(record)
     result._run_dir = run_dir
     return result

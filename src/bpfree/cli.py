@@ -7,17 +7,22 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bpfree import escape
 from bpfree.errors import UserError
+from bpfree.history import HEARTBEAT_ENV
+from bpfree.live import json_line, text_line
 
 app = typer.Typer(
     add_completion=False,
@@ -47,6 +52,62 @@ class OutputFormat(str, Enum):
 
 
 FORMAT_HELP = "table (terminal), markdown (pipe into a file or issue) or json (machine-readable)"
+
+
+class LogFormat(str, Enum):
+    auto = "auto"
+    text = "text"
+    json = "json"
+
+
+LOG_FORMAT_HELP = "progress: auto (a bar on a terminal, one plain line per epoch otherwise), text (lines) or json (JSON lines)"
+MLFLOW_HELP = "log each epoch as it ends to this MLflow tracking URI, e.g. sqlite:///mlflow.db or http://HOST:5000 (pip install 'bpfree[mlflow]')"
+TENSORBOARD_HELP = "log each epoch as it ends to TensorBoard under DIR/<run_id> (pip install 'bpfree[tensorboard]')"
+HEARTBEAT_HELP = "seconds between heartbeat lines inside long epochs (default 60, or $BPFREE_HEARTBEAT_S; 0: none)"
+
+
+class LineLog:
+    """Progress as lines for logs (Slurm output, nohup, CI): one per epoch, heartbeats, start and end.
+
+    Each row of a run's history (:mod:`bpfree.history`) becomes one line, written whole and
+    flushed (never cut or wrapped): plain text (:func:`bpfree.live.text_line`) or the row as
+    JSON. Safe to call from several threads.
+    """
+
+    def __init__(self, as_json: bool = False, stream: TextIO | None = None) -> None:
+        self.as_json = as_json
+        self.stream = stream if stream is not None else sys.stderr
+        self._lock = threading.Lock()
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        self._write(json_line(row) if self.as_json else text_line(row))
+
+    def note(self, event: str, text: str, **fields: Any) -> None:
+        """A line of the command itself (a plan, a failed run): plain text, or JSON with ``event`` and ``message``."""
+        if self.as_json:
+            self._write(json.dumps({"event": event, "time": time.time(), "message": text, **fields}, default=str))
+        else:
+            self._write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {escape.plain(text, one_line=True)}")
+
+    def _write(self, line: str) -> None:
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def line_log(log_format: LogFormat, quiet: bool) -> LineLog | None:
+    """Lines instead of a bar: asked for, or the progress stream is not a terminal; None with -q."""
+    if quiet or (log_format is LogFormat.auto and sys.stderr.isatty()):
+        return None
+    return LineLog(as_json=log_format is LogFormat.json)
+
+
+def set_heartbeat(seconds: Optional[float]) -> None:
+    """Runs in worker processes and Slurm jobs read their heartbeat interval from the environment."""
+    if seconds is not None:
+        if seconds < 0:
+            raise UserError(f"--heartbeat {seconds:g}: must be >= 0 (0: no heartbeats)")
+        os.environ[HEARTBEAT_ENV] = repr(float(seconds))
 
 
 def _version(value: bool) -> None:
@@ -89,11 +150,14 @@ def interruptible(command):
     return wrapper
 
 
-def _announce_run(run_dir: Path) -> None:
+def _announce_run(run_dir: Path, lines: LineLog | None = None) -> None:
     from bpfree.fileio import printable_path
 
     shown = printable_path(run_dir)
-    console.print(f"run directory: {shown}", highlight=False, soft_wrap=True)
+    if lines is not None and lines.as_json:
+        lines.note("run_directory", f"run directory: {shown}", run_dir=shown)
+    else:
+        console.print(f"run directory: {escape.console(shown)}", highlight=False, soft_wrap=True)
     _on_interrupt["message"] = f"interrupted; continue with `bpfree resume {shown}`"
 
 
@@ -221,13 +285,17 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="results directory (default results/)"),
     set_: list[str] = typer.Option([], "--set", help="any field as key=value, e.g. params.schedule=layerwise"),
     keep_checkpoint: bool = typer.Option(False, help="keep checkpoint.pt after a completed run"),
-    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="also log params, per-epoch metrics and the result to this MLflow tracking URI"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help=MLFLOW_HELP),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help=TENSORBOARD_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or progress lines"),
+    log_format: LogFormat = typer.Option(LogFormat.auto, "--log-format", help=LOG_FORMAT_HELP),
+    heartbeat: Optional[float] = typer.Option(None, "--heartbeat", help=HEARTBEAT_HELP),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
 ) -> None:
-    """Train one model with one algorithm and write <output>/<run_id>/result.json."""
+    """Train one model with one algorithm and write <output>/<run_id>/result.json (and its live history.jsonl)."""
     from bpfree.config import load_config, run_label
     from bpfree.runner import execute
+    from bpfree.tracking import check_options
 
     overrides = {
         "algorithm": algorithm,
@@ -246,12 +314,14 @@ def run(
         "output": output,
     }
     cfg = load_config(config, overrides, set_)
-    with epoch_progress(run_label(cfg), enabled=not quiet) as update:
-        run_dir, result = execute(cfg, progress=update, keep_checkpoint=keep_checkpoint, step_progress=update, on_start=_announce_run)
-    if mlflow:
-        from bpfree.tracking import log_to_mlflow
-
-        log_to_mlflow(run_dir, mlflow)
+    tracking = check_options(mlflow, tensorboard)
+    set_heartbeat(heartbeat)
+    lines = line_log(log_format, quiet)
+    with epoch_progress(run_label(cfg), enabled=not quiet and lines is None) as update:
+        run_dir, result = execute(
+            cfg, progress=update, keep_checkpoint=keep_checkpoint, step_progress=update,
+            on_start=functools.partial(_announce_run, lines=lines), on_event=lines, heartbeat_s=heartbeat, tracking=tracking,
+        )
     print_run(result, run_dir, fmt)
 
 
@@ -259,14 +329,25 @@ def run(
 @interruptible
 def resume(
     run_dir: Path = typer.Argument(..., help="an interrupted run's directory (holds config.json, checkpoint.pt)"),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI (default: where the run was tracked, continuing its MLflow run)"),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="TensorBoard folder (default: the run's, if it had one)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    log_format: LogFormat = typer.Option(LogFormat.auto, "--log-format", help=LOG_FORMAT_HELP),
+    heartbeat: Optional[float] = typer.Option(None, "--heartbeat", help=HEARTBEAT_HELP),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Continue an interrupted run from its last checkpoint."""
     from bpfree.runner import resume as resume_run
+    from bpfree.tracking import check_options
 
-    with epoch_progress(f"resume {run_dir.name}", enabled=not quiet) as update:
-        path, result = resume_run(run_dir, progress=update, step_progress=update, on_start=_announce_run)
+    tracking = check_options(mlflow, tensorboard)
+    set_heartbeat(heartbeat)
+    lines = line_log(log_format, quiet)
+    with epoch_progress(f"resume {escape.console(run_dir.name)}", enabled=not quiet and lines is None) as update:
+        path, result = resume_run(
+            run_dir, progress=update, step_progress=update, on_start=functools.partial(_announce_run, lines=lines),
+            on_event=lines, heartbeat_s=heartbeat, tracking=tracking,
+        )
     print_run(result, path, fmt)
 
 
@@ -344,12 +425,62 @@ def list_components() -> None:
     out.print("Models: " + "; ".join(model_names()))
 
 
+def plan_summary(plan) -> str:
+    resume_n = sum(1 for t in plan.tasks if t.action == "resume")
+    return (
+        f"{plan.total} runs in {plan.output}: {len(plan.skipped)} already complete (skipped), "
+        f"{resume_n} to resume, {len(plan.tasks) - resume_n} new"
+        + (f", {len(plan.in_flight)} still queued or running in Slurm (left to their jobs)" if plan.in_flight else "")
+    )
+
+
 @contextmanager
-def runs_progress(enabled: bool = True):
-    """A rich progress bar over the runs of a suite or comparison; yields (on_plan, on_done)."""
+def followed_runs(root: Path | None, lines: LineLog | None):
+    """Log lines of runs that train elsewhere (worker processes, Slurm jobs, tune trials), read from
+    their history files under ``root`` as they are appended; yields a function that starts it at a
+    given root (when the root is known only later, e.g. a suite's output)."""
+    from bpfree.protocol.status import HistoryFollower
+
+    followers: list[HistoryFollower] = []
+
+    def follow(where: Path) -> None:
+        if lines is not None and not followers:
+            followers.append(HistoryFollower(Path(where), lines).start())
+
+    if root is not None:
+        follow(root)
+    try:
+        yield follow
+    finally:
+        for follower in followers:
+            follower.stop()
+
+
+@contextmanager
+def runs_progress(enabled: bool = True, lines: LineLog | None = None):
+    """Progress over the runs of a suite or comparison; yields (on_plan, on_done).
+
+    On a terminal a rich bar over the runs; with ``lines`` (logs) the plan and failures as lines,
+    and each run's epochs, heartbeats, start and end followed from its history file (the runs train
+    in other processes or jobs, whose output is not this one's: reading the files they append to
+    works the same for every executor, and one process writes every line, so lines never interleave).
+    """
     state: dict[str, Any] = {}
     if not enabled:
         yield (lambda plan: None), (lambda task, outcome: None)
+        return
+    if lines is not None:
+        with followed_runs(None, lines) as follow:
+
+            def plan_lines(plan) -> None:
+                lines.note("plan", plan_summary(plan), runs=plan.total, output=str(plan.output))
+                follow(plan.output)
+
+            def done_lines(task, outcome) -> None:
+                if not outcome.get("ok"):
+                    lines.note("run_failed", f"run failed: {task.label} ({task.run_dir}): {outcome.get('error')}", run=task.label)
+
+            yield plan_lines, done_lines
         return
     with Progress(
         TextColumn("[bold]runs"),
@@ -361,12 +492,7 @@ def runs_progress(enabled: bool = True):
     ) as bar:
 
         def on_plan(plan) -> None:
-            resume_n = sum(1 for t in plan.tasks if t.action == "resume")
-            console.print(
-                f"{plan.total} runs in {plan.output}: {len(plan.skipped)} already complete (skipped), "
-                f"{resume_n} to resume, {len(plan.tasks) - resume_n} new"
-                + (f", {len(plan.in_flight)} still queued or running in Slurm (left to their jobs)" if plan.in_flight else "")
-            )
+            console.print(plan_summary(plan))
             state["task"] = bar.add_task("runs", total=len(plan.tasks), last="")
 
         def on_done(task, outcome) -> None:
@@ -424,7 +550,9 @@ def compare(
     bp_config: Optional[Path] = typer.Option(None, "--bp-config", help="BP config whose optimizer/lr/weight_decay/momentum the derived BP twins use (e.g. a tuned one)"),
     set_: list[str] = typer.Option([], "--set", help="any field for every run as key=value"),
     budget: str = typer.Option("passes", "--budget", help="derived BP twin's epoch cap: passes (the alternative's total over all its phases) or epochs (its per-phase epochs)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or progress lines"),
+    log_format: LogFormat = typer.Option(LogFormat.auto, "--log-format", help=LOG_FORMAT_HELP),
+    heartbeat: Optional[float] = typer.Option(None, "--heartbeat", help=HEARTBEAT_HELP),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Each alternative algorithm next to BP on the identical architecture: runs, table and report."""
@@ -436,7 +564,8 @@ def compare(
     _on_interrupt["message"] = f"interrupted; rerun the same command to continue (finished runs in {output} are kept)"
     start = time.perf_counter()
     common = {"device": device, "data_root": str(data_root) if data_root else None}
-    with runs_progress(not quiet) as (on_plan, on_done):
+    set_heartbeat(heartbeat)
+    with runs_progress(not quiet, line_log(log_format, quiet)) as (on_plan, on_done):
         outcome = run_compare(
             configs=configs or None,
             output=output,
@@ -473,6 +602,8 @@ def tune(
     out_path: Optional[Path] = typer.Option(None, "--out", help="tuned YAML (default <output>/<config stem>.tuned.yaml)"),
     set_: list[str] = typer.Option([], "--set", help="override config fields as key=value before tuning"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    log_format: LogFormat = typer.Option(LogFormat.auto, "--log-format", help=LOG_FORMAT_HELP),
+    heartbeat: Optional[float] = typer.Option(None, "--heartbeat", help=HEARTBEAT_HELP),
 ) -> None:
     """Optuna TPE over the algorithm's search space; objective: best validation accuracy."""
     from bpfree.protocol.tune import tune as run_tune
@@ -483,7 +614,9 @@ def tune(
             console.print(f"trial {number}: val {value:.4f}  {shown}", highlight=False)
 
     _on_interrupt["message"] = "interrupted; rerun the same command to continue the study (completed trials are kept)"
-    result = run_tune(config, trials, epochs, output, storage, study_name, seed, out_path, set_, on_trial)
+    set_heartbeat(heartbeat)
+    with followed_runs(output / "trials", line_log(log_format, quiet)):  # each trial's epochs, from its history
+        result = run_tune(config, trials, epochs, output, storage, study_name, seed, out_path, set_, on_trial)
     out.print(
         f"study {result.study_name} ({result.storage}): {result.completed} trials x {result.epochs} epochs; "
         f"best trial {result.best_trial}: best_val_accuracy {result.best_value:.4f}"
@@ -512,6 +645,8 @@ def suite(
     dry_run: bool = typer.Option(False, "--dry-run", help="show what would run, run nothing"),
     report: bool = typer.Option(True, "--report/--no-report", help="write report.md/html when done"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    log_format: LogFormat = typer.Option(LogFormat.auto, "--log-format", help=LOG_FORMAT_HELP),
+    heartbeat: Optional[float] = typer.Option(None, "--heartbeat", help=HEARTBEAT_HELP),
 ) -> None:
     """Run configs x seeds once each; finished runs are skipped and interrupted ones resumed."""
     from bpfree.config import parse_seeds
@@ -521,7 +656,8 @@ def suite(
     _on_interrupt["message"] = "interrupted; rerun the same command to continue (finished runs are kept, interrupted ones resume)"
     options = SlurmOptions(partition, account, gpus, time_min, cpus, mem_gb)
     seed_list = parse_seeds(seeds, "--seeds")
-    with runs_progress(not quiet or dry_run) as (on_plan, on_done):
+    set_heartbeat(heartbeat)
+    with runs_progress(not quiet or dry_run, None if dry_run else line_log(log_format, quiet)) as (on_plan, on_done):
         outcome = run_suite(
             suite_file, output, set_, seed_list, executor, jobs, options, wait, on_plan=on_plan, on_done=on_done, dry_run=dry_run,
             threads=threads,
@@ -553,6 +689,93 @@ def report(
     if ci not in ("t", "bootstrap"):
         raise UserError(f"--ci {ci}: choose t or bootstrap")
     print_report(write_report(results_dir, out_dir, ci=ci), full=full, fmt=fmt)
+
+
+STATUS_COLUMNS = ["run", "state", "epoch", "val acc", "test acc", "ETA", "updated", "detail", "run id"]
+
+
+def status_cells(row) -> list[str]:
+    """A status row as plain text cells (escaped for their sink by the caller)."""
+    from bpfree.live import duration
+
+    epoch = "" if row.epoch is None else f"{row.epoch}/{row.total_epochs}" if row.total_epochs else str(row.epoch)
+    return [
+        row.run, row.state, epoch,
+        "" if row.val_accuracy is None else f"{row.val_accuracy:.4f}",
+        "" if row.test_accuracy is None else f"{row.test_accuracy:.4f}",
+        "" if row.eta_s is None else duration(row.eta_s),
+        "" if row.updated_s is None else f"{duration(row.updated_s)} ago",
+        row.detail, row.run_id,
+    ]
+
+
+def status_renderable(report):
+    """A rich table of the runs with the summary as its caption (every cell escaped for rich)."""
+    from bpfree.fileio import printable_path
+
+    table = Table(title=f"Runs in {escape.console(printable_path(report.directory))}", caption=escape.console(report.summary_line()),
+                  caption_justify="left")
+    for column in STATUS_COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in report.rows:
+        table.add_row(*(escape.console(cell) for cell in status_cells(row)))
+    return table
+
+
+def print_status(report, fmt: OutputFormat) -> None:
+    from bpfree.fileio import printable_path
+
+    if fmt is OutputFormat.json:
+        print(json.dumps(report.to_json(), indent=2, allow_nan=False), flush=True)
+    elif fmt is OutputFormat.markdown:
+        lines = [f"## Runs in {escape.markdown(printable_path(report.directory))}", ""]
+        lines.append("| " + " | ".join(STATUS_COLUMNS) + " |")
+        lines.append("|" + "|".join("---" for _ in STATUS_COLUMNS) + "|")
+        lines += ["| " + " | ".join(escape.markdown(cell) for cell in status_cells(row)) + " |" for row in report.rows]
+        lines += ["", escape.markdown(report.summary_line())]
+        print("\n".join(lines), flush=True)
+    else:
+        out.print(status_renderable(report))
+
+
+@app.command()
+def status(
+    directory: Path = typer.Argument(..., help="a results, suite, compare or tune directory, or one run's directory"),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help=FORMAT_HELP),
+    watch: bool = typer.Option(False, "--watch", "-w", help="refresh until no run is running or queued (Ctrl-C stops)"),
+    interval: float = typer.Option(10.0, "--interval", min=0.5, help="seconds between refreshes with --watch"),
+) -> None:
+    """Where every run stands (running with its ETA, completed, failed, interrupted, queued), from the files alone."""
+    from bpfree.fileio import printable_path
+    from bpfree.protocol.status import scan
+
+    if not directory.is_dir():
+        raise UserError(f"{printable_path(directory)}: not a directory")
+    report = scan(directory)
+    if not report.rows and not watch:
+        raise UserError(f"{printable_path(directory)}: no bpfree runs in it (run directories hold config.json, history.jsonl or result.json)")
+    if not watch:
+        print_status(report, fmt)
+        return
+    try:
+        if fmt is OutputFormat.table and out.is_terminal:
+            from rich.live import Live
+
+            with Live(status_renderable(report), console=out, auto_refresh=False) as live:
+                while report.active or not report.rows:
+                    time.sleep(interval)
+                    report = scan(directory)
+                    live.update(status_renderable(report), refresh=True)
+            return
+        while True:
+            print_status(report, fmt)
+            if report.rows and not report.active:
+                return
+            time.sleep(interval)
+            report = scan(directory)
+            print("", flush=True)
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()

@@ -311,6 +311,8 @@ class Engine:
                 "total_epochs": total_epochs,
                 "train_loss": outcome.loss,
                 "val_accuracy": val.accuracy,
+                "peak_memory_bytes": outcome.peak_memory_bytes,
+                "curve": st.curves[-1],  # the row just appended, for listeners (history file, logs, MLflow)
             }
         )
         return phase.early_stopping and cfg.patience is not None and st.stale_epochs >= cfg.patience

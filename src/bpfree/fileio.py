@@ -173,6 +173,38 @@ def read_bounded(path: Path, max_bytes: int) -> bytes:
         os.close(fd)
 
 
+def read_appended(path: Path, offset: int, max_bytes: int = 1 << 20) -> tuple[bytes, int]:
+    """The whole lines appended to a regular file since ``offset``: (their bytes, the offset after them).
+
+    For following a file another process appends to (a live history): at most ``max_bytes`` are
+    read per call, a line still being written is left for the next call, and a file that shrank
+    (replaced) is read again from its start. Anything but a regular file raises :class:`UnreadableFile`.
+    """
+    shown = printable_path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise UnreadableFile(f"{shown}: not found") from None
+    except OSError as exc:
+        raise UnreadableFile(f"{shown}: cannot open ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableFile(f"{shown}: not a regular file")
+        if info.st_size < offset:
+            offset = 0
+        os.lseek(fd, offset, os.SEEK_SET)
+        blob = os.read(fd, max(0, min(max_bytes, info.st_size - offset)))
+    except OSError as exc:
+        raise UnreadableFile(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    end = blob.rfind(b"\n") + 1
+    if end == 0 and len(blob) >= max_bytes:  # one line longer than the bound: skip it rather than stall
+        return b"", offset + len(blob)
+    return blob[:end], offset + end
+
+
 def _check_depth(text: str, max_depth: int) -> None:
     """Refuse JSON nested deeper than ``max_depth`` (counted outside strings) before parsing it."""
     depth, in_string, escaped = 0, False, False
@@ -270,5 +302,5 @@ __all__ = [
     "MAX_CONFIG_BYTES", "MAX_HISTORY_BYTES", "MAX_JSON_DEPTH", "MAX_RESULT_BYTES", "MAX_TABLE_BYTES", "JsonLines",
     "UnreadableFile", "WriteError", "append_line", "atomic_write", "atomic_write_bytes", "atomic_write_json",
     "atomic_write_text", "ensure_writable_dir", "json_bytes", "load_json", "parse_json", "printable_path",
-    "read_bounded", "read_jsonl", "umask",
+    "read_appended", "read_bounded", "read_jsonl", "umask",
 ]

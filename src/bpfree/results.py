@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,9 +19,10 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from bpfree.config import RunConfig
-from bpfree.errors import UserError
-from bpfree.fileio import atomic_write, printable_path
+from bpfree.config import RunConfig, build_config
+from bpfree.errors import UnreadableFile, UserError
+from bpfree.fileio import MAX_CONFIG_BYTES, MAX_RESULT_BYTES, atomic_write, load_json, printable_path
+from bpfree.history import HISTORY_FILE, History, LockState, lock_state, process_alive, read_history
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
@@ -163,8 +167,13 @@ class ResultSet:
         return f"skipped {len(self.rejected)} malformed result record(s), not counted: {shown}"
 
 
-def read_results(directory: Path) -> ResultSet:
-    """Every result.json under ``directory``, checked against the schema (files are never rewritten)."""
+def read_results(directory: Path, unfinished: bool = True) -> ResultSet:
+    """Every result.json under ``directory``, checked against the schema (files are never rewritten).
+
+    With ``unfinished`` (the default), a run directory without a result (config.json, maybe a
+    history) is read too, as a record of what its files show (:func:`unfinished_record`): status
+    ``running``, ``interrupted`` or ``failed``, with its curves and last epoch, and no test accuracy.
+    """
     records: list[dict[str, Any]] = []
     rejected: list[tuple[Path, str]] = []
     for path in sorted(Path(directory).glob(f"*/{RESULT_FILE}")):
@@ -178,7 +187,154 @@ def read_results(directory: Path) -> ResultSet:
             records.append(record)
         else:
             rejected.append((path, problem))
+    if unfinished:
+        for path in sorted(Path(directory).glob(f"*/{CONFIG_FILE}")):
+            if os.path.lexists(path.parent / RESULT_FILE):
+                continue
+            files = inspect_run(path.parent)
+            record = unfinished_record(files) if files.state in UNFINISHED else None
+            problem = files.reason if record is None else check_record(record)
+            if problem is None and record is not None:
+                records.append(record)
+            else:
+                rejected.append((path.parent / RESULT_FILE, f"unfinished run, unreadable: {problem}"))
     return ResultSet(records, rejected)
+
+
+# -- runs without a result: what their files show ----------------------------------------------------
+UNFINISHED = ("running", "interrupted", "failed")
+
+
+@dataclass
+class RunFiles:
+    """What a run directory's files say about its run, read without touching them.
+
+    ``state``: the result's status when ``result.json`` exists (completed, diverged); else
+    ``running`` (a process holds the run's lock), ``failed`` (its last attempt ended with an
+    error, the reason kept), ``interrupted`` (killed or stopped: nobody holds the lock, a stale
+    lock file included); ``unreadable`` (``reason`` says why) or ``empty`` (none of a run's files).
+    """
+
+    run_dir: Path
+    state: str
+    record: dict[str, Any] | None = None  # result.json
+    config: dict[str, Any] | None = None  # config.json's stored config
+    history: History | None = None
+    resumable: bool = False  # a checkpoint is there to continue from
+    reason: str | None = None
+    lock: LockState = "absent"
+
+
+def _alive_elsewhere(history: History | None) -> bool:
+    """Where flock cannot tell (file systems without it): the process named by the latest start
+    row, on this host; on another host, rows newer than three heartbeats (or ten minutes)."""
+    start = history.start if history is not None else None
+    if history is None or start is None or (history.end is not None):
+        return False
+    if start.get("host") == socket.gethostname():
+        alive = process_alive(start.get("pid"))
+        if alive is not None:
+            return alive
+    last = history.last or start
+    beat, when = start.get("heartbeat_s"), last.get("time")
+    beat = float(beat) if isinstance(beat, (int, float)) else 0.0
+    when = float(when) if isinstance(when, (int, float)) else 0.0
+    return time.time() - when < max(600.0, 3 * beat)
+
+
+def inspect_run(run_dir: Path) -> RunFiles:
+    """A run directory's state from its files alone (see :class:`RunFiles`); never raises for a bad file."""
+    run_dir = Path(run_dir)
+    result_path = run_dir / RESULT_FILE
+    if os.path.lexists(result_path):
+        try:
+            record = load_json(result_path, MAX_RESULT_BYTES)
+        except UnreadableFile as exc:
+            return RunFiles(run_dir, "unreadable", reason=str(exc))
+        problem = check_record(record)
+        if problem is not None:
+            return RunFiles(run_dir, "unreadable", reason=f"{printable_path(result_path)}: {problem}")
+        return RunFiles(run_dir, str(record["status"]), record=record, reason=record.get("reason"))
+    files = RunFiles(run_dir, "empty", lock=lock_state(run_dir), resumable=(run_dir / CHECKPOINT_FILE).is_file())
+    try:
+        if os.path.lexists(run_dir / CONFIG_FILE):
+            stored = load_json(run_dir / CONFIG_FILE, MAX_CONFIG_BYTES)
+            files.config = stored.get("config") if isinstance(stored.get("config"), dict) else None
+            if files.config is None:
+                files.state, files.reason = "unreadable", f"{printable_path(run_dir / CONFIG_FILE)}: no 'config' mapping"
+                return files
+        files.history = read_history(run_dir)
+    except UnreadableFile as exc:
+        files.state, files.reason = "unreadable", str(exc)
+        return files
+    if files.config is None and files.history is None:
+        if files.lock == "held":
+            files.state = "running"  # between taking the lock and writing config.json
+        return files
+    end = files.history.end if files.history is not None else None
+    if files.lock == "held" or (files.lock == "unknown" and _alive_elsewhere(files.history)):
+        files.state = "running"
+    elif end is not None and end.get("status") == "failed":
+        files.state, files.reason = "failed", str(end.get("reason") or "failed")
+    else:
+        files.state = "interrupted"
+    return files
+
+
+def unfinished_record(files: RunFiles) -> dict[str, Any]:
+    """A result record for a run without result.json: what it reached so far, no test accuracy.
+
+    ``status`` is running, interrupted or failed; ``resumable`` says whether a checkpoint is
+    there; ``reason`` says where it stopped and how to continue.
+    """
+    stored = files.config or {}
+    history = files.history or History()
+    curves = history.curves
+    last = history.last_epoch or {}
+    start = history.start or {}
+    device = start.get("device") if isinstance(start.get("device"), str) else None
+    config, key = stored, None
+    try:
+        cfg = build_config(stored, source=printable_path(files.run_dir / CONFIG_FILE))
+        config, key = cfg.resolved(), cfg.key(device_type=device.split(":", 1)[0] if device else None)
+    except UserError:
+        pass  # e.g. an algorithm no longer registered: the stored config as it is
+    epochs_run = last.get("epochs_run") if isinstance(last.get("epochs_run"), int) else 0
+    total = last.get("total_epochs") if isinstance(last.get("total_epochs"), int) else start.get("total_epochs")
+    shown = printable_path(files.run_dir)
+    if files.state == "running":
+        reason = f"running: epoch {epochs_run} of {total or '?'} done"
+    elif files.state == "failed":
+        reason = f"failed after epoch {epochs_run}: {files.reason}"
+    else:
+        how = f"`bpfree resume {shown}` continues it" if files.resumable else f"no checkpoint: `bpfree resume {shown}` starts it over"
+        reason = f"interrupted after epoch {epochs_run} of {total or '?'}; {how}"
+    vals = [c["val_accuracy"] for c in curves if isinstance(c.get("val_accuracy"), (int, float))]
+    train_time = last.get("curve", {}).get("cumulative_train_time_s") if isinstance(last.get("curve"), dict) else None
+    started = start.get("time")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": files.run_dir.name,
+        "status": files.state,
+        "reason": reason,
+        "resumable": files.resumable,
+        "algorithm": config.get("algorithm"),
+        "dataset": config.get("dataset"),
+        "model": config.get("model"),
+        "seed": config.get("seed"),
+        "config_key": key,
+        "config": config,
+        "test_accuracy": None,
+        "best_val_accuracy": max(vals) if vals else None,
+        "epochs_run": epochs_run,
+        "total_epochs": total,
+        "curves": curves,
+        "train_time_s": float(train_time) if isinstance(train_time, (int, float)) else 0.0,
+        "eval_time_s": float(sum(c.get("eval_time_s") or 0.0 for c in curves)),
+        "environment": {"device": device} if device else {},
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat() if isinstance(started, (int, float)) else None,
+        "history": HISTORY_FILE,
+    }
 
 
 def iter_results(directory: Path) -> Iterator[dict[str, Any]]:
@@ -217,7 +373,7 @@ class Result(BaseModel):
 
     run_id: str
     schema_version: int
-    status: Literal["completed", "diverged", "running", "interrupted"] | str
+    status: Literal["completed", "diverged", "running", "interrupted", "failed"] | str
     reason: str | None = None
     algorithm: str
     dataset: str

@@ -19,7 +19,7 @@ import submitit
 from bpfree.errors import UserError
 from bpfree.fileio import ensure_writable_dir
 from bpfree.protocol.suite.lock import output_lock
-from bpfree.protocol.suite.planning import Plan, Task
+from bpfree.protocol.suite.planning import Plan, Task, write_plan
 from bpfree.protocol.suite.processes import worker_initializer
 from bpfree.protocol.suite.slurm import SlurmOptions, write_job_marker
 from bpfree.protocol.suite.tasks import SubmititRun, run_task
@@ -211,6 +211,7 @@ def execute_plan(
         return SuiteOutcome(plan, outcomes)
     job_ids: list[str] = []
     with output_lock(plan.output):
+        write_plan(plan)
         if executor == "inline":
             _run_inline(plan.tasks, threads, record)
         elif executor == "local":

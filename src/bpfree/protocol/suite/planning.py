@@ -9,13 +9,15 @@ gets a fresh run directory.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bpfree.config import RunConfig, run_label
-from bpfree.errors import UserError
+from bpfree.errors import UnreadableFile, UserError
+from bpfree.fileio import atomic_write_json, load_json
 from bpfree.protocol.suite.slurm import jobs_in_queue, read_job_markers
 from bpfree.results import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE, new_run_id
 
@@ -43,6 +45,36 @@ class Plan:
 
 
 label = run_label
+
+# What a suite or compare set out to run, written when it starts, so `bpfree status` can show the
+# runs that have not started yet (from the files alone).
+PLAN_FILE = ".bpfree-plan.json"
+
+
+def write_plan(plan: Plan) -> None:
+    """Record the plan's runs in its output directory (run directories by name, relative to it)."""
+    atomic_write_json(Path(plan.output) / PLAN_FILE, {
+        "written_at": time.time(),
+        "tasks": [{"key": t.key, "label": t.label, "run_dir": t.run_dir.name, "action": t.action} for t in plan.tasks],
+        "skipped": [{"key": cfg.key(), "label": label(cfg), "run_dir": path.name} for cfg, path in plan.skipped],
+        "in_flight": [{"key": cfg.key(), "label": label(cfg), "run_dir": path.name, "job_id": job} for cfg, path, job in plan.in_flight],
+    })
+
+
+def read_plan(output: Path) -> list[dict[str, str]]:
+    """The planned runs of the last suite or compare in ``output`` (label, run_dir name); empty if none."""
+    try:
+        data = load_json(Path(output) / PLAN_FILE)
+    except UnreadableFile:
+        return []
+    runs = []
+    for part in ("tasks", "skipped", "in_flight"):
+        for item in data.get(part) or []:
+            if isinstance(item, dict) and isinstance(item.get("run_dir"), str) and isinstance(item.get("label"), str):
+                name = Path(item["run_dir"]).name  # a name inside output, never a path elsewhere
+                if name and name not in (".", ".."):
+                    runs.append({"label": item["label"], "run_dir": name})
+    return runs
 
 
 def scan_output(output: Path) -> tuple[dict[str, Path], dict[str, Path]]:
