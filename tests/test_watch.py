@@ -130,17 +130,19 @@ def test_status_and_readers_tell_running_failed_and_interrupted_runs_apart(tmp_p
     assert inspect_run(interrupted).state == "interrupted"  # its holder gone: a stale lock
 
     from bpfree.export import tidy_tables
-    from bpfree.report.render import write_report
+    from bpfree.report.aggregate import summarize
+    from bpfree.report.render import runs_table
 
-    found = read_results(out)
+    found = read_results(out)  # what `bpfree report` and `bpfree.load_results` read
     assert sorted(r["status"] for r in found.records) == ["completed", "failed", "interrupted"] and not found.rejected
     tables = tidy_tables(out)
     assert sorted(tables["runs"]["status"]) == ["completed", "failed", "interrupted"]
     assert len(tables["curves"]) == 2 + 2 + 2
-    written = write_report(out)
-    runs_table = next(t for t in written.tables if t.title == "Runs")
-    assert sorted(row[3] for row in runs_table.rows) == ["completed", "failed", "interrupted"]
-    assert "interrupted after epoch 2 of 4" in written.markdown.read_text()
+    summary = summarize(found.records)
+    rows = {row[0]: row for row in runs_table(summary).rows}
+    assert (rows[interrupted.name][3], rows[failed.name][3], rows[completed.name][3]) == ("interrupted", "failed", "completed")
+    assert rows[interrupted.name][9].startswith("interrupted after epoch 2 of 4; `bpfree resume ")
+    assert sorted((len(g.runs), len(g.completed)) for g in summary.groups) == [(1, 1), (2, 0)]  # statistics: completed runs only
 
 
 def test_suite_logs_every_workers_epochs_from_their_histories(tmp_path):

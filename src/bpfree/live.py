@@ -2,12 +2,14 @@
 listeners that follow them (log lines, MLflow, TensorBoard).
 
 :class:`RunWatch` sits between the engine and everything that watches a run. The engine calls it
-at the end of each epoch, after the timed training window and the validation have closed; per
-step it only stores the step counts it is handed (no I/O, no clock, no device sync, inside the
-timed window). A heartbeat thread writes a heartbeat row when no row was written for
-``heartbeat_s`` seconds, so a long epoch shows its steps, rate and ETA. Each row is appended to
-``history.jsonl`` (fsynced) before any listener sees it, so a log line or a tracked metric never
-gets ahead of the file. A listener that fails is dropped with one warning; training goes on.
+at the end of each epoch, after the timed training window and the validation have closed, and the
+training thread then only builds the epoch's row and queues it; per step it only stores the step
+counts it is handed (no I/O, no clock, no device sync, inside the timed window). One writer thread
+takes the rows in order, appends each to ``history.jsonl`` (written and fsynced) and only then
+hands it to the listeners, so a log line or a tracked metric never gets ahead of the file and the
+training thread never waits for a disk or a terminal. When no row was written for
+``heartbeat_s`` seconds the writer adds a heartbeat row, so a long epoch shows its steps, rate and
+ETA. A listener that fails is dropped with one warning; training goes on.
 
 The row format is documented in :mod:`bpfree.history`; :func:`text_line` and :func:`json_line`
 turn a row into one log line.
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import os
+import queue
 import socket
 import threading
 import time
@@ -67,8 +70,7 @@ class RunWatch:
         self.step_progress = step_progress
         self.listeners: list[Listener] = []
         self.total_epochs: int | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._rows: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._started = 0.0  # monotonic time of start()
         self._last_row = 0.0  # monotonic time of the latest row
@@ -85,33 +87,35 @@ class RunWatch:
         self.total_epochs = total_epochs
         self.listeners = [listener for listener in listeners if listener is not None]
         self._started = self._last_row = self._epoch_started = time.monotonic()
+        self._thread = threading.Thread(target=self._write_rows, name=f"bpfree-history-{self.run_id}", daemon=True)
+        self._thread.start()
         self._emit({
             "event": "start", "total_epochs": total_epochs, "checkpoint": self.checkpoint, "resumed": resumed,
             "pid": os.getpid(), "host": socket.gethostname(), "device": device, "heartbeat_s": self.heartbeat_s,
         })
-        if self.heartbeat_s > 0:
-            self._thread = threading.Thread(target=self._beat, name=f"bpfree-heartbeat-{self.run_id}", daemon=True)
-            self._thread.start()
 
-    def end(self, status: str, reason: str | None = None, test_accuracy: float | None = None, epochs_run: int | None = None) -> None:
-        """The run's last row (after result.json, when there is one); stops the heartbeat."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+    def end(self, status: str, reason: str | None = None, test_accuracy: float | None = None, epochs_run: int | None = None,
+            timeout_s: float = 30.0) -> None:
+        """The run's last row (after result.json, when there is one); waits (bounded) until every row is written."""
         self._emit({
             "event": "end", "status": status, "reason": reason, "epochs_run": self._epochs_run if epochs_run is None else epochs_run,
             "elapsed_s": time.monotonic() - self._started, "test_accuracy": test_accuracy,
         })
+        self._rows.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+            if self._thread.is_alive():
+                log.warning("history of %s: rows still unwritten after %.0f s (a slow disk?)", plain(self.run_id, one_line=True), timeout_s)
 
-    # -- engine callbacks -----------------------------------------------------------------------
+    # -- engine callbacks (training thread) -----------------------------------------------------
     def on_step(self, info: dict[str, Any]) -> None:
-        """Inside the timed window: keep the counts, nothing else (the heartbeat thread reads them)."""
+        """Inside the timed window: keep the counts, nothing else (the writer reads them for heartbeats)."""
         self._step = info
         if self.step_progress is not None:
             self.step_progress(info)
 
     def on_epoch(self, info: dict[str, Any]) -> None:
-        """After an epoch's training window and validation: one history row, then the listeners."""
+        """After an epoch's training window and validation: its row queued for the writer."""
         now = time.monotonic()
         epochs_run = int(info["epochs_run"])
         total = int(info.get("total_epochs") or self.total_epochs or epochs_run)
@@ -133,14 +137,26 @@ class RunWatch:
         if self.progress is not None:
             self.progress(info)
 
-    # -- heartbeats -----------------------------------------------------------------------------
-    def _beat(self) -> None:
+    def _emit(self, fields: dict[str, Any]) -> None:
+        """Queue a row (a copy: the engine keeps mutating its own dicts) for the writer."""
+        self._last_row = time.monotonic()
+        self._rows.put(_json_safe({"event": fields["event"], "time": time.time(), "run_id": self.run_id, "run": self.label, **fields}))
+
+    # -- the writer thread ----------------------------------------------------------------------
+    def _write_rows(self) -> None:
         while True:
-            due = self._last_row + self.heartbeat_s
-            if self._stop.wait(max(0.01, due - time.monotonic())):
+            wait = self._last_row + self.heartbeat_s - time.monotonic() if self.heartbeat_s > 0 else None
+            try:
+                row = self._rows.get(timeout=max(0.01, wait) if wait is not None else None)
+            except queue.Empty:
+                if time.monotonic() >= self._last_row + self.heartbeat_s:
+                    self._last_row = time.monotonic()
+                    self._write(_json_safe({"event": "heartbeat", "time": time.time(), "run_id": self.run_id, "run": self.label,
+                                            **self._heartbeat_row()}))
+                continue
+            if row is None:
                 return
-            if time.monotonic() >= self._last_row + self.heartbeat_s:
-                self._emit(self._heartbeat_row())
+            self._write(row)
 
     def _heartbeat_row(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -163,23 +179,20 @@ class RunWatch:
             row["eta_s"] = (steps - step) / rate + max(0, total - epochs_run - 1) * steps / rate
         return row
 
-    # -- rows -----------------------------------------------------------------------------------
-    def _emit(self, fields: dict[str, Any]) -> None:
-        row = _json_safe({"event": fields["event"], "time": time.time(), "run_id": self.run_id, "run": self.label, **fields})
-        with self._lock:
-            self._last_row = time.monotonic()
-            if not self._history_failed:
-                try:
-                    append_row(self.run_dir, row)
-                except WriteError as exc:  # a full disk: the run goes on; result.json stays the record
-                    self._history_failed = True
-                    log.warning("%s; no more history rows for this run (training goes on)", plain(exc, one_line=True))
-            for listener in list(self.listeners):
-                try:
-                    listener(row)
-                except Exception as exc:  # noqa: BLE001 - a watcher never stops the run
-                    self.listeners.remove(listener)
-                    log.warning("stopped following the run with %s: %s", type(listener).__name__, plain(exc, one_line=True)[:300])
+    def _write(self, row: dict[str, Any]) -> None:
+        """On the writer thread: the history first (durable), then each listener."""
+        if not self._history_failed:
+            try:
+                append_row(self.run_dir, row)
+            except WriteError as exc:  # a full disk: the run goes on; result.json stays the record
+                self._history_failed = True
+                log.warning("%s; no more history rows for this run (training goes on)", plain(exc, one_line=True))
+        for listener in list(self.listeners):
+            try:
+                listener(row)
+            except Exception as exc:  # noqa: BLE001 - a watcher never stops the run
+                self.listeners.remove(listener)
+                log.warning("stopped following the run with %s: %s", type(listener).__name__, plain(exc, one_line=True)[:300])
 
 
 # -- log lines --------------------------------------------------------------------------------------

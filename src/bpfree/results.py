@@ -331,6 +331,7 @@ def unfinished_record(files: RunFiles) -> dict[str, Any]:
         "curves": curves,
         "train_time_s": float(train_time) if isinstance(train_time, (int, float)) else 0.0,
         "eval_time_s": float(sum(c.get("eval_time_s") or 0.0 for c in curves)),
+        "energy_reason": "not recorded for an unfinished run (energy is read into result.json when a run ends)",
         "environment": {"device": device} if device else {},
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat() if isinstance(started, (int, float)) else None,
         "history": HISTORY_FILE,

@@ -39,10 +39,23 @@ FINAL_METRICS = ("test_accuracy", "best_val_accuracy", "final_val_accuracy", "tr
                  "peak_memory_bytes", "energy_j", "epochs_run")
 # MLflow's own HTTP retries (7 with exponential backoff, 120 s timeout) took 253 s to give up on an
 # unreachable server; these bound them (a user's own settings win).
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# MLflow's INFO lines (database set-up) would interleave with the run's log lines.
+MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                   "MLFLOW_LOGGING_LEVEL": "WARNING"}
 MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "interrupted": "KILLED"}
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
 log = logging.getLogger(__name__)
+THREAD_PREFIX = "bpfree-tracking-"
+
+
+class _OwnRetries(logging.Filter):
+    """Drop urllib3's per-retry warnings raised on a tracking thread: the tracker warns once itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.threadName or "").startswith(THREAD_PREFIX)
+
+
+_RETRY_FILTER = _OwnRetries()
 
 
 @dataclass(frozen=True)
@@ -171,7 +184,7 @@ class _MlflowSink:
         self.run_id: str | None = None
 
     def open(self) -> None:
-        for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        for name, value in MLFLOW_DEFAULTS.items():
             os.environ.setdefault(name, value)
         from mlflow.tracking import MlflowClient  # optional dependency, on the tracking thread only
 
@@ -259,7 +272,10 @@ class Tracking:
         if options.tensorboard:
             self.sinks.append(_TensorBoardSink(self, options))
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=f"bpfree-tracking-{run_id}", daemon=True)
+        retry_log = logging.getLogger("urllib3.connectionpool")
+        if _RETRY_FILTER not in retry_log.filters:
+            retry_log.addFilter(_RETRY_FILTER)
+        self._thread = threading.Thread(target=self._work, name=f"{THREAD_PREFIX}{run_id}", daemon=True)
         self._thread.start()
 
     def __call__(self, row: dict[str, Any]) -> None:
@@ -292,9 +308,9 @@ class Tracking:
             getattr(sink, method)(*arguments)
             return True
         except Exception as exc:  # noqa: BLE001 - any tracker failure: warn once, never stop the run
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = plain(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, one_line=True)
             log.warning("%s tracking stopped for %s: %s; training goes on and result.json stays the record",
-                        sink.name, self.run_id, plain(first, one_line=True)[:300])
+                        sink.name, self.run_id, first if len(first) <= 240 else first[:239] + "…")
             return False
 
 
