@@ -21,8 +21,9 @@ from rich.table import Table
 
 from bpfree import escape
 from bpfree.errors import UserError
+from bpfree.fileio import printable_path
 from bpfree.history import HEARTBEAT_ENV
-from bpfree.live import json_line, text_line
+from bpfree.live import duration, json_line, text_line
 
 app = typer.Typer(
     add_completion=False,
@@ -151,8 +152,6 @@ def interruptible(command):
 
 
 def _announce_run(run_dir: Path, lines: LineLog | None = None) -> None:
-    from bpfree.fileio import printable_path
-
     shown = printable_path(run_dir)
     if lines is not None and lines.as_json:
         lines.note("run_directory", f"run directory: {shown}", run_dir=shown)
@@ -439,7 +438,7 @@ def followed_runs(root: Path | None, lines: LineLog | None):
     """Log lines of runs that train elsewhere (worker processes, Slurm jobs, tune trials), read from
     their history files under ``root`` as they are appended; yields a function that starts it at a
     given root (when the root is known only later, e.g. a suite's output)."""
-    from bpfree.protocol.status import HistoryFollower
+    from bpfree.protocol.status import HistoryFollower  # protocol pulls in torch: imported only by the commands that run
 
     followers: list[HistoryFollower] = []
 
@@ -696,8 +695,6 @@ STATUS_COLUMNS = ["run", "state", "epoch", "val acc", "test acc", "ETA", "update
 
 def status_cells(row) -> list[str]:
     """A status row as plain text cells (escaped for their sink by the caller)."""
-    from bpfree.live import duration
-
     epoch = "" if row.epoch is None else f"{row.epoch}/{row.total_epochs}" if row.total_epochs else str(row.epoch)
     return [
         row.run, row.state, epoch,
@@ -711,8 +708,6 @@ def status_cells(row) -> list[str]:
 
 def status_renderable(report):
     """A rich table of the runs with the summary as its caption (every cell escaped for rich)."""
-    from bpfree.fileio import printable_path
-
     table = Table(title=f"Runs in {escape.console(printable_path(report.directory))}", caption=escape.console(report.summary_line()),
                   caption_justify="left")
     for column in STATUS_COLUMNS:
@@ -723,8 +718,6 @@ def status_renderable(report):
 
 
 def print_status(report, fmt: OutputFormat) -> None:
-    from bpfree.fileio import printable_path
-
     if fmt is OutputFormat.json:
         print(json.dumps(report.to_json(), indent=2, allow_nan=False), flush=True)
     elif fmt is OutputFormat.markdown:
@@ -746,7 +739,6 @@ def status(
     interval: float = typer.Option(10.0, "--interval", min=0.5, help="seconds between refreshes with --watch"),
 ) -> None:
     """Where every run stands (running with its ETA, completed, failed, interrupted, queued), from the files alone."""
-    from bpfree.fileio import printable_path
     from bpfree.protocol.status import scan
 
     if not directory.is_dir():

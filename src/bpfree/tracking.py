@@ -201,14 +201,14 @@ class _MlflowSink:
         run = self.client.create_run(experiment_id, run_name=self.tracking.run_id, tags=tags)
         self.run_id = run.info.run_id
         self.tracking.remember("mlflow", {"tracking_uri": self.uri, "experiment": self.experiment, "experiment_id": experiment_id, "run_id": self.run_id})
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # optional dependency, on the tracking thread only
 
         params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in _flat("", cfg).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
 
     def epoch(self, row: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # optional dependency, on the tracking thread only
 
         stamp, step = int(row["time"] * 1000), int(row["epochs_run"])
         metrics = [Metric(k, v, stamp, step) for k, v in curve_metrics(row).items()]
