@@ -279,6 +279,9 @@ def run(
     patience: Optional[int] = typer.Option(None, help="early-stopping patience on validation accuracy"),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
+    eval_every: Optional[str] = typer.Option(
+        None, "--eval-every", help="also evaluate inside epochs: '0.25 epoch' (every quarter epoch) or '200 steps'"
+    ),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="directory with torchvision datasets"),
     download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="results directory (default results/)"),
@@ -308,6 +311,7 @@ def run(
         "patience": patience,
         "seed": seed,
         "device": device,
+        "eval_every": eval_every,
         "data_root": data_root,
         "download": download,
         "output": output,
@@ -817,9 +821,9 @@ class ExportFormat(str, Enum):
 def export(
     results_dir: Path = typer.Argument(..., help="a results directory (holds <run_id>/result.json)"),
     fmt: ExportFormat = typer.Option(ExportFormat.csv, "--format", "-f", help="csv, or parquet (needs the 'parquet' extra)"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="where runs, curves and phases go (default: <results_dir>/export)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="where runs, curves, phases and telemetry go (default: <results_dir>/export)"),
 ) -> None:
-    """Runs, per-epoch curves and phases as tidy tables (one row per run, epoch or phase)."""
+    """Runs, curves, phases and telemetry as tidy tables (one row per run, evaluation point, phase or resource sample)."""
     from bpfree.export import export_tables
 
     for path in export_tables(results_dir, out_dir or results_dir / "export", fmt.value):

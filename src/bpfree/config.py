@@ -35,7 +35,16 @@ from bpfree.errors import ConfigError
 
 # Fields that say where or how to store (or resume) a run, not what the run computes: they do not
 # enter the run's identity key, so changing them never makes a finished run count as new.
-NON_IDENTITY_FIELDS = ("output", "data_root", "download", "name", "checkpoint", "verify_checksums")
+NON_IDENTITY_FIELDS = ("output", "data_root", "download", "name", "checkpoint", "verify_checksums", "telemetry_interval_s")
+
+# Fields added after records were first stored, with their defaults: at the default they stay out of
+# the identity, so earlier records keep their keys and groups (and their checkpoints resume).
+LATER_FIELD_DEFAULTS: dict[str, Any] = {"eval_every": None}
+
+# ``eval_every``: "<fraction> epoch" (0 < fraction < 1) or "<n> steps"; see :func:`parse_eval_every`.
+EVAL_EVERY_FORMS = "'<fraction> epoch' with 0 < fraction <= 1 (e.g. '0.25 epoch'), '<n> steps' with n >= 1 (e.g. '200 steps'), or null"
+_EVAL_EVERY = re.compile(r"\s*(?:(?P<fraction>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*epochs?|(?P<steps>[0-9]{1,12})\s*steps?)\s*")
+MAX_EVAL_EVERY_STEPS = 10**9
 
 # Each model family's native architecture: what an algorithm trains when no model is given.
 # An algorithm's native family is the first of its ``model_families``.
@@ -102,6 +111,14 @@ class RunConfig(BaseModel):
     )
     cuda_graphs: StrictBool = Field(True, description="on CUDA, replay each training step from a captured CUDA graph (no effect on CPU)")
     checkpoint: StrictBool = Field(True, description="write a resumable checkpoint after every epoch")
+    eval_every: str | None = Field(
+        None,
+        description="evaluation points between epoch ends: '<fraction> epoch' (e.g. '0.25 epoch': every quarter epoch) or "
+        "'<n> steps' (every n optimiser steps of the run); null: at epoch ends only. Early stopping and checkpoints stay at epoch ends",
+    )
+    telemetry_interval_s: float | None = Field(
+        0.1, ge=0.01, le=3600, description="seconds between telemetry samples (telemetry.csv beside result.json); null: no sampler"
+    )
     output: Path = Field(Path("results"), description="results directory; each run writes <output>/<run_id>/")
     name: str | None = Field(None, description="free-form label stored with the result")
     params: dict[str, Any] = Field(default_factory=dict, description="algorithm-specific hyperparameters")
@@ -142,6 +159,11 @@ class RunConfig(BaseModel):
         value = "".join(value.split()).lower()  # one spelling per architecture: no whitespace, lower case
         parse_model_spec(value)  # raises ValueError with the accepted forms
         return value
+
+    @field_validator("eval_every", mode="before")
+    @classmethod
+    def _eval_every_form(cls, value: Any) -> str | None:
+        return canonical_eval_every(value)
 
     @field_validator("output", "data_root")
     @classmethod
@@ -219,9 +241,41 @@ def resolved_device_type(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def canonical_eval_every(value: Any) -> str | None:
+    """``eval_every`` in one spelling ('0.25 epoch', '200 steps'); a whole epoch is the default, null.
+
+    A bare number is refused: 1 would read as one step to some and one epoch to others.
+    """
+    if value is None:
+        return None
+    match = _EVAL_EVERY.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"field 'eval_every': expected {EVAL_EVERY_FORMS} (got {value!r})"[:300])
+    if match["steps"] is not None:
+        steps = int(match["steps"])
+        if not 1 <= steps <= MAX_EVAL_EVERY_STEPS:
+            raise ValueError(f"field 'eval_every': {steps} steps; expected 1 to {MAX_EVAL_EVERY_STEPS} steps")
+        return f"{steps} steps"
+    fraction = float(match["fraction"])
+    if not 0 < fraction <= 1:
+        raise ValueError(f"field 'eval_every': {fraction!r} epoch; expected a fraction of an epoch, 0 < fraction <= 1 (epoch ends are always evaluated)")
+    return None if fraction == 1 else f"{fraction!r} epoch"
+
+
+def parse_eval_every(value: str | None) -> tuple[str, float] | None:
+    """A canonical ``eval_every`` as ("epoch", fraction) or ("steps", n); None: epoch ends only."""
+    if value is None:
+        return None
+    number, unit = value.split()
+    return ("steps", int(number)) if unit == "steps" else ("epoch", float(number))
+
+
 def identity(config: dict[str, Any], device_type: str) -> dict[str, Any]:
     """A resolved config reduced to what the run computes, with the device type that ran it."""
-    data = {k: v for k, v in config.items() if k not in NON_IDENTITY_FIELDS}
+    data = {
+        k: v for k, v in config.items()
+        if k not in NON_IDENTITY_FIELDS and not (k in LATER_FIELD_DEFAULTS and v == LATER_FIELD_DEFAULTS[k])
+    }
     data["device"] = device_type
     return data
 
