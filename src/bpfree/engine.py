@@ -3,13 +3,21 @@ stepped by :mod:`bpfree.loop`, recorded by :mod:`bpfree.record`.
 
 Per epoch the engine reads the device once for the training loss (to catch divergence) and once per
 evaluation; meters are read only at window edges (see :mod:`bpfree.loop`).
+
+Every evaluation point (each epoch's end, and with ``eval_every`` points inside epochs) appends a
+curve row with the run's cost so far: training time, energy, FLOPs, optimiser steps and samples.
+Each epoch row also holds the accuracy on a fixed sample of the training set (the same images
+every epoch), measured outside every timed window and FLOP ledger. A background sampler
+(:mod:`bpfree.meters.telemetry`) records resources over time beside the result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,17 +29,32 @@ import torch
 from bpfree.algorithms.base import Algorithm, Phase
 from bpfree.build import build_run, derived_seeds
 from bpfree.capture import CapturedStep
-from bpfree.config import RunConfig
+from bpfree.config import RunConfig, parse_eval_every
+from bpfree.data.embedded import SPLIT_SEED
 from bpfree.errors import UserError
-from bpfree.loop import EpochOutcome, epoch_clock, evaluate, layer_accuracy, train_epoch
+from bpfree.loop import (
+    EpochOutcome,
+    EvalOutcome,
+    IntervalPoint,
+    epoch_clock,
+    evaluate,
+    interval_points,
+    layer_accuracy,
+    sample_accuracy,
+    train_epoch,
+)
 from bpfree.meters.cpu import flush_denormal_scope
 from bpfree.meters.energy import EnergyMeter, merge_components
 from bpfree.meters.flops import FlopLedger
 from bpfree.meters.memory import MemoryMeter
+from bpfree.meters.telemetry import TELEMETRY_FILE, TelemetrySampler
 from bpfree.record import result_record
 from bpfree.results import CHECKPOINT_FILE, atomic_torch_save
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
+# The training-set sample whose accuracy every epoch row records: at most this many images, and no
+# more than the validation set has (its evaluation costs at most a validation pass).
+TRAIN_SAMPLE_MAX = 1000
 ProgressCallback = Callable[[dict[str, Any]], None]
 # A phase diverges when its epoch loss exceeds this multiple of its first step's loss (declared in
 # the result as ``divergence_rule``), or when the loss is not finite.
@@ -66,6 +89,9 @@ class Progress:
     phase_peak_memory_bytes: int | None = None
     phase_reference_loss: float | None = None  # the phase's first-step loss, for the divergence rule
     train_cpu_time_s: float = 0.0  # process CPU time inside the training windows
+    steps_run: int = 0  # optimiser steps of every finished epoch
+    samples_seen: int = 0  # training samples those steps saw
+    train_accuracy_time_s: float = 0.0  # evaluating the fixed training sample: outside every cost total
     uncounted_ops: dict[str, int] = field(default_factory=dict)  # heavy ops met without a FLOP formula
     curves: list[dict[str, Any]] = field(default_factory=list)
     phases: list[dict[str, Any]] = field(default_factory=list)
@@ -128,6 +154,9 @@ class Engine:
         self.test_accuracy_by_readout: dict[str, float] | None = None
         self.flush_denormal = False  # whether subnormals were flushed during the run (set by run)
         self.layer_accuracy: dict[str, dict[str, float]] | None = None
+        self.eval_every = parse_eval_every(cfg.eval_every)
+        self.train_sample_x, self.train_sample_y = self._train_sample()
+        self.telemetry: TelemetrySampler | None = None
 
     # -- checkpoints ----------------------------------------------------------------------------
     @property
@@ -141,6 +170,7 @@ class Engine:
     def _save_checkpoint(self) -> None:
         if not self.cfg.checkpoint or self.checkpoint_path is None:
             return
+        self._mark("checkpoint")
         # Only tensors and plain containers of numbers and strings: loadable with weights_only=True.
         payload = {
             "version": CHECKPOINT_VERSION,
@@ -203,11 +233,40 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         # Subnormal flushing (cfg.flush_denormal) holds for the run only: it is process-wide CPU state.
-        with flush_denormal_scope(self.cfg.flush_denormal) as flushing:
+        with flush_denormal_scope(self.cfg.flush_denormal) as flushing, self._telemetry_scope():
             self.flush_denormal = flushing
-            return self._run()
+            result = self._run()
+        result["telemetry"] = self.telemetry.summary() if self.telemetry is not None else None
+        return result
+
+    @contextlib.contextmanager
+    def _telemetry_scope(self) -> Iterator[None]:
+        """The run's background sampler (``telemetry_interval_s``), stopped however the run ends."""
+        interval = self.cfg.telemetry_interval_s
+        if interval is None or self.run_dir is None:
+            yield
+            return
+        self.telemetry = TelemetrySampler(self.run_dir / TELEMETRY_FILE, self.device, interval)
+        with self.telemetry:
+            yield
+
+    def _mark(self, activity: str, phase: str | None = None, flush: bool = False) -> None:
+        """Tell the telemetry sampler what the run does now (``flush``: write the rows so far)."""
+        if self.telemetry is not None:
+            self.telemetry.mark(activity, phase, self.state.epochs_run, flush)
+
+    def _train_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed sample of the training set: drawn with the splits' own seed, so the same images every
+        epoch and for every run seed (sorted, so it is read in the data's order)."""
+        data = self.data
+        n_train = data.train_x.shape[0]
+        size = min(n_train, data.val_x.shape[0], TRAIN_SAMPLE_MAX)
+        index = torch.randperm(n_train, generator=torch.Generator().manual_seed(SPLIT_SEED))[:size].sort().values
+        index = index.to(data.device)
+        return data.train_x.index_select(0, index), data.train_y.index_select(0, index)
 
     def _run(self) -> dict[str, Any]:
+        self._mark("setup", "setup")
         resumed = self._load_checkpoint()
         st = self.state
         # Both ledgers record heavy operators without a formula into the progress's one dict.
@@ -227,6 +286,7 @@ class Engine:
             if self.captured_step is not None:
                 self.captured_step.begin_phase(phase.name)
             while st.epoch_in_phase < phase.epochs:
+                self._mark("train", phase.name, flush=True)  # the rows of the epoch before reach the file
                 stop = self._epoch(phase, train_flops, eval_flops, total_epochs)
                 if stop:
                     break
@@ -274,12 +334,19 @@ class Engine:
             def on_step(done: int, steps: int) -> None:  # host-side counts only: no device sync
                 step_listener({"event": "step", "phase": phase.name, "step": done, "steps": steps,
                                "epochs_run": st.epochs_run, "total_epochs": total_epochs})
+
+        def on_point(point: IntervalPoint) -> None:  # between two steps, the training window paused
+            val = self._validate(eval_flops)
+            st.curves.append(self._curve_row(phase.name, point, val, train_flops.total, clock.steps, samples=min(clock.n_train, point.steps * clock.batch_size)))
+            self._mark("train")
+
         outcome = train_epoch(
             self.algorithm, self.data, clock, self.data_generator,
             flops=train_flops, energy=self.energy, memory=self.memory, autocast=self.autocast,
             step=self.captured_step, on_step=on_step, drop_last=cfg.drop_last,
+            points=interval_points(self.eval_every, clock.steps, st.steps_run), on_point=on_point,
         )
-        self._account_training(outcome)
+        self._account_training(outcome, clock.samples)
         st.epoch_in_phase += 1
         st.epochs_run += 1
         st.train_flops, st.flops_per_step = train_flops.total, train_flops.per_kind
@@ -288,18 +355,12 @@ class Engine:
         diverged = self._divergence(outcome.loss)
         if diverged is not None:
             st.status, st.reason = "diverged", f"{diverged} in epoch {st.epoch_in_phase} of phase {phase.name}"
-            st.curves.append(self._curve_row(phase.name, outcome, None, 0.0))
+            st.curves.append(self._curve_row(phase.name, outcome, None, train_flops.total, clock.steps))
             return True
 
-        val = evaluate(
-            self.algorithm, self.data.val_x, self.data.val_y, cfg.eval_batch_size,
-            kind="val", flops=eval_flops, energy=self.energy, autocast=self.autocast,
-        )
-        st.eval_time_s += val.seconds
-        st.probe_time_s += val.probe_s
-        st.eval_energy_j = _add(st.eval_energy_j, val.joules)
-        st.eval_flops = eval_flops.total
-        st.curves.append(self._curve_row(phase.name, outcome, val.accuracy, val.seconds, val.loss if math.isfinite(val.loss) else None))
+        val = self._validate(eval_flops)
+        train_accuracy = self._train_accuracy()
+        st.curves.append(self._curve_row(phase.name, outcome, val, train_flops.total, clock.steps, train_accuracy=train_accuracy))
 
         self._track_stopping(phase, val.accuracy, val.loss)
         self.progress_callback(
@@ -316,6 +377,28 @@ class Engine:
             }
         )
         return phase.early_stopping and cfg.patience is not None and st.stale_epochs >= cfg.patience
+
+    def _validate(self, eval_flops: FlopLedger) -> EvalOutcome:
+        """Validation accuracy and loss in their own measured window; time, energy and FLOPs go to evaluation."""
+        st = self.state
+        self._mark("eval")
+        val = evaluate(
+            self.algorithm, self.data.val_x, self.data.val_y, self.cfg.eval_batch_size,
+            kind="val", flops=eval_flops, energy=self.energy, autocast=self.autocast,
+        )
+        st.eval_time_s += val.seconds
+        st.probe_time_s += val.probe_s
+        st.eval_energy_j = _add(st.eval_energy_j, val.joules)
+        st.eval_flops = eval_flops.total
+        return val
+
+    def _train_accuracy(self) -> float:
+        """Accuracy on the fixed training sample: no FLOP ledger, no energy window, and its time is
+        ``train_accuracy_time_s``, in neither training nor evaluation time (a record for the reader)."""
+        start = time.perf_counter()
+        accuracy = sample_accuracy(self.algorithm, self.train_sample_x, self.train_sample_y, self.cfg.eval_batch_size, self.autocast)
+        self.state.train_accuracy_time_s += time.perf_counter() - start  # sample_accuracy ends on a host sync
+        return accuracy
 
     def _track_stopping(self, phase: Phase, accuracy: float, loss: float) -> None:
         """The stopping rule (``monitor``, ``min_delta``, ``restore``): stale epochs and the weights to restore."""
@@ -339,8 +422,10 @@ class Engine:
         else:
             st.stale_epochs += 1
 
-    def _account_training(self, outcome: EpochOutcome) -> None:
+    def _account_training(self, outcome: EpochOutcome, samples: int) -> None:
         st = self.state
+        st.steps_run += outcome.steps
+        st.samples_seen += samples
         st.train_time_s += outcome.seconds
         st.train_cpu_time_s += outcome.cpu_seconds
         st.phase_train_time_s += outcome.seconds
@@ -360,22 +445,40 @@ class Engine:
         return None
 
     def _curve_row(
-        self, phase: str, outcome: EpochOutcome, val_accuracy: float | None, eval_s: float, val_loss: float | None = None
+        self,
+        phase: str,
+        span: EpochOutcome | IntervalPoint,
+        val: EvalOutcome | None,
+        train_flops: int,
+        steps_in_epoch: int,
+        *,
+        samples: int = 0,
+        train_accuracy: float | None = None,
     ) -> dict[str, Any]:
+        """One evaluation point. An epoch's cost is already in the run's totals (``span`` is the epoch);
+        an interval point adds its epoch so far (``span`` is the paused window: time, energy, ``samples``)."""
         st = self.state
+        interval = isinstance(span, IntervalPoint)
         return {
             "phase": phase,
-            "epoch": st.epochs_run,
-            "train_loss": outcome.loss if math.isfinite(outcome.loss) else None,
-            "val_accuracy": val_accuracy,
-            "val_loss": val_loss,
-            "epoch_time_s": outcome.seconds,
-            "epoch_cpu_time_s": outcome.cpu_seconds,
-            "load_average": outcome.load_average,
-            "eval_time_s": eval_s,
-            "energy_j": outcome.joules,
-            "cumulative_train_time_s": st.train_time_s,
-            "cumulative_energy_j": st.energy_j,
+            "epoch": st.epochs_run + 1 if interval else st.epochs_run,  # the epoch the point falls in, from 1
+            "train_loss": span.loss if math.isfinite(span.loss) else None,
+            "val_accuracy": val.accuracy if val is not None else None,
+            "val_loss": val.loss if val is not None and math.isfinite(val.loss) else None,
+            "epoch_time_s": span.seconds,
+            "epoch_cpu_time_s": span.cpu_seconds,
+            "load_average": span.load_average,
+            "eval_time_s": val.seconds if val is not None else 0.0,
+            "energy_j": span.joules,
+            "cumulative_train_time_s": st.train_time_s + span.seconds if interval else st.train_time_s,
+            "cumulative_energy_j": _add(st.energy_j, span.joules) if interval else st.energy_j,
+            "point": "interval" if interval else "epoch",
+            "epoch_progress": st.epochs_run + span.steps / steps_in_epoch if interval else float(st.epochs_run),
+            "cumulative_train_flops": train_flops,
+            "cumulative_steps": st.steps_run + span.steps if interval else st.steps_run,
+            "cumulative_samples": st.samples_seen + samples if interval else st.samples_seen,
+            "train_accuracy": train_accuracy,
+            "peak_memory_bytes": span.peak_memory_bytes,
         }
 
     def _layer_accuracy(self) -> dict[str, dict[str, float]] | None:
@@ -411,6 +514,7 @@ class Engine:
 
     def _finish(self, resumed: bool, train_flops: FlopLedger, eval_flops: FlopLedger) -> dict[str, Any]:
         st = self.state
+        self._mark("test", "final", flush=True)
         self.algorithm.end_training()
         test_accuracy = None
         if st.status == "running":

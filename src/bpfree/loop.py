@@ -6,13 +6,17 @@ edges only (after synchronising the device), never inside a step. The first step
 (phase x batch size) runs under the FLOP counter; that step is real training, but the counter's
 own overhead would inflate the epoch time, so it runs in an *excluded* stretch of the window and
 its time is reported apart (``probe_s``).
+
+Evaluation points inside an epoch (``eval_every``) *pause* the window between two steps: the
+caller evaluates outside it, and the window reopens for the next step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +32,11 @@ from bpfree.meters.memory import MemoryMeter
 from bpfree.meters.timer import synchronize
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in the epoch); no tensor values
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    values = [v for v in (a, b) if v is not None]
+    return max(values) if values else None
 
 
 class MeasuredWindow:
@@ -55,6 +64,7 @@ class MeasuredWindow:
         self._start: float | None = None
         self._energy_windows = 0  # counter windows read (one per stretch between excluded ones)
         self._energy_seconds = 0.0  # their total length as the meter timed them
+        self._peak_before_pause: int | None = None  # the peak of the stretches before a pause
 
     def __enter__(self) -> MeasuredWindow:
         if self.memory is not None:
@@ -65,7 +75,7 @@ class MeasuredWindow:
     def __exit__(self, *exc: object) -> None:
         self._close()
         if self.memory is not None:
-            self.peak_memory_bytes = self.memory.peak()
+            self.peak_memory_bytes = _max(self._peak_before_pause, self.memory.peak())
         if self.energy is not None and self.joules is not None:
             short = self.energy.too_short(self._energy_seconds, self._energy_windows)
             if short is not None:
@@ -106,6 +116,30 @@ class MeasuredWindow:
             self.excluded_s += time.perf_counter() - start
             self._open()
 
+    def peak_so_far(self) -> int | None:
+        """The window's peak memory up to now (read while paused)."""
+        return _max(self._peak_before_pause, self.memory.peak()) if self.memory is not None else None
+
+    def joules_so_far(self) -> float | None:
+        """The window's energy up to now (read while paused), judged as the whole window is at its end."""
+        if self.energy is None or self.joules is None or self.energy.too_short(self._energy_seconds, self._energy_windows):
+            return None
+        return self.joules
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Close the window for a stretch that is none of its business (a mid-epoch evaluation, timed by
+        the caller): its time, energy and memory peak stay out of the window's totals."""
+        self._close()
+        if self.memory is not None:
+            self._peak_before_pause = self.peak_so_far()
+        try:
+            yield
+        finally:
+            if self.memory is not None:
+                self.memory.begin()
+            self._open()
+
 
 @dataclass
 class EpochOutcome:
@@ -123,6 +157,39 @@ class EpochOutcome:
     energy_components: dict[str, float | None] | None = None
     cpu_seconds: float = 0.0  # process CPU time inside the window
     load_average: float | None = None  # the machine's 1-minute load average at the epoch's end
+
+
+@dataclass
+class IntervalPoint:
+    """The epoch so far at a mid-epoch evaluation point: the window's totals up to its pause."""
+
+    steps: int  # steps run in this epoch
+    loss: float  # mean training loss of those steps
+    seconds: float
+    joules: float | None
+    peak_memory_bytes: int | None
+    cpu_seconds: float
+    load_average: float | None
+
+
+IntervalCallback = Callable[[IntervalPoint], None]
+
+
+def interval_points(eval_every: tuple[str, float] | None, steps_in_epoch: int, steps_before: int) -> frozenset[int]:
+    """Steps of an epoch (counted from 1) after which an evaluation point falls, the epoch's end excluded.
+
+    ``("epoch", f)``: after round(k x f x steps) steps, k = 1, 2, ...; ``("steps", n)``: wherever the
+    run's step count (``steps_before`` + steps done) is a multiple of n.
+    """
+    if eval_every is None or steps_in_epoch < 2:
+        return frozenset()
+    unit, every = eval_every
+    if unit == "steps":
+        n = int(every)
+        first = n - steps_before % n
+        return frozenset(range(first, steps_in_epoch, n))
+    count = math.ceil(1 / every - 1e-9)  # points per epoch, the end included
+    return frozenset(p for k in range(1, count) if 0 < (p := round(k * every * steps_in_epoch)) < steps_in_epoch)
 
 
 def epoch_clock(
@@ -144,8 +211,13 @@ def train_epoch(
     step: CapturedStep | None = None,
     on_step: StepCallback | None = None,
     drop_last: bool = False,
+    points: Collection[int] = (),
+    on_point: IntervalCallback | None = None,
 ) -> EpochOutcome:
     """Run one epoch: ``begin_epoch``, every step, ``end_epoch``; all of it inside one measured window.
+
+    After each step whose count is in ``points`` the window pauses and ``on_point`` gets the epoch so
+    far (it evaluates, outside the window); training mode is restored before the next step.
 
     ``step`` replaces ``algorithm.train_step`` (its CUDA-graph version); its warm-up and capture run
     in the window's excluded stretch, as does the first step of each kind, which the FLOP counter
@@ -178,6 +250,13 @@ def train_epoch(
             steps += 1
             if on_step is not None:
                 on_step(steps, clock.steps)
+            if on_point is not None and steps in points:
+                with window.paused():  # between two steps: its synchronisation is not inside a step
+                    on_point(IntervalPoint(
+                        steps, float(loss_sum / steps), window.seconds, window.joules_so_far(), window.peak_so_far(),
+                        window.cpu_seconds, load_average(),
+                    ))
+                    algorithm.train_mode()
         with autocast:
             if flops is not None:
                 closing, closing_flops = run_counted(algorithm.end_epoch, flops.uncounted_ops)
@@ -254,6 +333,22 @@ def evaluate(
     )
 
 
+def sample_accuracy(
+    algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast: contextlib.AbstractContextManager | None = None
+) -> float:
+    """Accuracy of ``algorithm.predict`` on (x, y) in eval mode, unmeasured: no window, no FLOP ledger,
+    no energy (a record for the reader, not part of the method's cost); one host sync."""
+    autocast = autocast or contextlib.nullcontext()
+    algorithm.eval_mode()
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    with torch.no_grad():
+        for xb, yb in eval_batches(x, y, batch_size):
+            with autocast:
+                scores = algorithm.predict(xb)
+            correct += (scores.argmax(dim=1) == yb).sum()
+    return int(correct) / max(1, x.shape[0])
+
+
 def layer_accuracy(algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Accuracy of every layer-local read-out (``Algorithm.layer_scores``); empty when it has none.
 
@@ -283,10 +378,14 @@ def inference_flops_per_sample(algorithm: Algorithm, sample: torch.Tensor, uncou
 __all__ = [
     "EpochOutcome",
     "EvalOutcome",
+    "IntervalCallback",
+    "IntervalPoint",
     "MeasuredWindow",
     "StepCallback",
     "epoch_clock",
     "evaluate",
     "inference_flops_per_sample",
+    "interval_points",
+    "sample_accuracy",
     "train_epoch",
 ]

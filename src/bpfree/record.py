@@ -53,6 +53,10 @@ def result_record(
         "test_accuracy_by_readout": engine.test_accuracy_by_readout,
         # each layer-local read-out of the trained model (MF projection, FF layer, CaFo predictor, NoProp block)
         "layer_accuracy": engine.layer_accuracy,
+        # each epoch row's train_accuracy is on this fixed training sample; evaluating it took
+        # train_accuracy_time_s, in neither train_time_s nor eval_time_s, and no FLOP total counts it
+        "train_accuracy_samples": int(engine.train_sample_y.shape[0]),
+        "train_accuracy_time_s": st.train_accuracy_time_s,
         # The last phase's best validation accuracy (the tested weights' own: final_val_accuracy).
         "best_val_accuracy": st.phases[-1]["best_val_accuracy"] if st.phases else None,
         # validation accuracy of the weights tested (differs from the best under restore: last)
@@ -66,6 +70,9 @@ def result_record(
         # The first step of each kind ran under the FLOP counter, timed apart from train/eval time.
         "probe_time_s": st.probe_time_s,
         "train_flops": train_flops.total,
+        # optimiser steps and training samples of the finished epochs (the last curve row's cumulative_*)
+        "train_steps": st.steps_run,
+        "train_samples_seen": st.samples_seen,
         "eval_flops": eval_flops.total,
         "flops_per_step": train_flops.per_kind,
         "inference_flops_per_sample": inference_flops,
