@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bpfree.config import RunConfig, build_config, read_yaml_mapping
-from bpfree.results import Result, load_results_frame
+from bpfree.export import results_table
+from bpfree.results import Result
 from bpfree.tracking import check_options
 
 if TYPE_CHECKING:
@@ -101,6 +102,11 @@ def compare(
     )
 
 
-def load_results(directory: str | Path) -> pd.DataFrame:
-    """One row per stored run under ``directory``: scalars, ``config.*``, ``params.*``, ``environment.*``."""
-    return load_results_frame(Path(directory))
+def load_results(directory: str | Path, table: str = "runs") -> pd.DataFrame:
+    """A table of the stored runs under ``directory``, as ``bpfree export`` writes it.
+
+    ``runs``: one row per run (scalars, ``config.*``, ``params.*``, ``environment.*``); ``curves``:
+    one per evaluation point; ``phases``: one per training phase; ``telemetry``: one per resource
+    sample (each run's telemetry.csv), each led by the run's id columns.
+    """
+    return results_table(Path(directory), table)

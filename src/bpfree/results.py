@@ -1,4 +1,4 @@
-"""Result records: unique run ids, atomic writes, and reading a results directory back."""
+"""Result records: unique run ids, atomic writes, and reading a results directory (and its telemetry) back."""
 
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from bpfree.config import RunConfig, build_config
 from bpfree.errors import UnreadableFile, UserError
-from bpfree.fileio import MAX_CONFIG_BYTES, MAX_RESULT_BYTES, atomic_write, load_json, printable_path
+from bpfree.fileio import MAX_CONFIG_BYTES, MAX_RESULT_BYTES, MAX_TABLE_BYTES, atomic_write, load_json, printable_path, read_bounded
 from bpfree.history import HISTORY_FILE, History, LockState, lock_state, process_alive, read_history
+from bpfree.meters.telemetry import COLUMNS as TELEMETRY_COLUMNS
+from bpfree.meters.telemetry import TELEMETRY_FILE
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
@@ -65,7 +68,7 @@ NonNegative = Field(None, ge=0)
 
 
 class CurveRecord(BaseModel):
-    """One epoch of a run's curve."""
+    """One evaluation point of a run's curve (records written before points carried costs have only the first fields)."""
 
     model_config = _RECORD
     phase: str | None = None
@@ -77,6 +80,13 @@ class CurveRecord(BaseModel):
     energy_j: float | None = NonNegative
     cumulative_train_time_s: float | None = NonNegative
     cumulative_energy_j: float | None = NonNegative
+    point: Literal["epoch", "interval"] | None = None
+    epoch_progress: float | None = NonNegative
+    cumulative_train_flops: float | None = NonNegative
+    cumulative_steps: int | None = Field(None, ge=0)
+    cumulative_samples: int | None = Field(None, ge=0)
+    train_accuracy: float | None = Share
+    peak_memory_bytes: float | None = NonNegative
 
 
 class ConfigRecord(BaseModel):
@@ -348,19 +358,33 @@ def load_results(directory: Path) -> list[dict[str, Any]]:
 
 
 class CurvePoint(BaseModel):
-    """One epoch of training: a row of ``Result.curves``."""
+    """One evaluation point: a row of ``Result.curves`` (every epoch's end; with ``eval_every`` also points inside epochs).
+
+    The cumulative fields are the run's training cost up to the point; evaluation is outside them.
+    Records written before these fields existed lack them (None): every row was then an epoch's end.
+    """
 
     model_config = ConfigDict(extra="allow")
 
     phase: str
-    epoch: int
-    train_loss: float | None = None
+    epoch: int = Field(description="epoch of the point, from 1 (an interval point: the epoch it falls in)")
+    point: Literal["epoch", "interval"] | None = Field(None, description="an epoch's end, or a point inside an epoch (eval_every)")
+    epoch_progress: float | None = Field(None, description="epochs of training up to the point, e.g. 2.25")
+    train_loss: float | None = Field(None, description="mean training loss of the epoch's steps (so far, at an interval point)")
     val_accuracy: float | None = None
-    epoch_time_s: float | None = None
-    eval_time_s: float | None = None
-    energy_j: float | None = None
-    cumulative_train_time_s: float | None = None
-    cumulative_energy_j: float | None = None
+    val_loss: float | None = None
+    train_accuracy: float | None = Field(
+        None, description="accuracy on the fixed training sample (train_accuracy_samples images), epoch rows only; outside every cost total"
+    )
+    epoch_time_s: float | None = Field(None, description="training time of the epoch (so far, at an interval point)")
+    eval_time_s: float | None = Field(None, description="this point's validation time")
+    energy_j: float | None = Field(None, description="training energy of the epoch (so far); null where not measured")
+    peak_memory_bytes: int | None = Field(None, description="peak memory of the epoch's training window (so far)")
+    cumulative_train_time_s: float | None = Field(None, description="training time of the run up to the point")
+    cumulative_energy_j: float | None = Field(None, description="training energy of the run up to the point; null where not measured")
+    cumulative_train_flops: int | None = Field(None, description="training FLOPs of the run up to the point (steps run x FLOPs of their kind)")
+    cumulative_steps: int | None = Field(None, description="optimiser steps of the run up to the point")
+    cumulative_samples: int | None = Field(None, description="training samples seen up to the point")
 
 
 class Result(BaseModel):
@@ -393,6 +417,13 @@ class Result(BaseModel):
     eval_time_s: float
     train_flops: int | None = None
     eval_flops: int | None = None
+    train_steps: int | None = Field(None, description="optimiser steps of the finished epochs")
+    train_samples_seen: int | None = Field(None, description="training samples those steps saw")
+    train_accuracy_samples: int | None = Field(None, description="size of the fixed training sample behind the curves' train_accuracy")
+    train_accuracy_time_s: float | None = Field(None, description="time spent measuring train_accuracy: in neither train_time_s nor eval_time_s")
+    telemetry: dict[str, Any] | None = Field(
+        None, description="the resource sampler: file (telemetry.csv beside result.json), interval_s, rows, sources, problem (why it stopped early)"
+    )
     inference_flops_per_sample: float | None = None
     uncounted_ops: dict[str, int] = Field(
         default_factory=dict, description="compute-heavy operators met without a FLOP formula (calls counted); not in the FLOP totals"
@@ -446,10 +477,8 @@ def result_schema() -> dict[str, Any]:
     return schema
 
 
-def load_results_frame(directory: Path):
+def load_results_frame(directory: Path) -> pd.DataFrame:
     """Every run under ``directory`` as one pandas DataFrame row (nested records as columns)."""
-    import pandas as pd
-
     rows = []
     for record in iter_results(directory):
         row = {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
@@ -464,3 +493,49 @@ def load_results_frame(directory: Path):
         row["run_dir"] = str(Path(directory) / record["run_id"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# Column types of telemetry.csv; nullable integers, so an empty cell ("not available here") is <NA>.
+TELEMETRY_DTYPES = {
+    "time_s": "float64", "unix_time": "float64", "phase": "string", "epoch": "Int64", "rss_bytes": "Int64",
+    "cpu_percent": "float64", "cuda_allocated_bytes": "Int64", "cuda_reserved_bytes": "Int64",
+    "gpu_memory_used_bytes": "Int64", "gpu_power_w": "float64", "gpu_sm_util_pct": "float64",
+    "gpu_sm_clock_mhz": "float64", "gpu_mem_clock_mhz": "float64", "rapl_energy_j": "float64", "activity": "string",
+}
+
+
+def read_telemetry(run_dir: Path) -> pd.DataFrame | None:
+    """A run's ``telemetry.csv`` as a DataFrame (one row per sample), or None when the run has none.
+
+    Bounded (``MAX_TABLE_BYTES``, regular files only); a last line torn by a kill is dropped. A file
+    that is not a telemetry table raises :class:`UnreadableFile` naming it.
+    """
+    path = Path(run_dir) / TELEMETRY_FILE
+    if not path.exists() and not path.is_symlink():
+        return None
+    blob = read_bounded(path, MAX_TABLE_BYTES)
+    blob = blob[: blob.rfind(b"\n") + 1]  # whole lines only: the last one may be torn
+    header = blob.split(b"\n", 1)[0].decode("utf-8", "replace")
+    if tuple(header.split(",")) != TELEMETRY_COLUMNS:
+        raise UnreadableFile(f"{printable_path(path)}: not a bpfree telemetry table (its header is not {','.join(TELEMETRY_COLUMNS)})")
+    try:
+        return pd.read_csv(io.BytesIO(blob), dtype=TELEMETRY_DTYPES, keep_default_na=False, na_values=[""], encoding="utf-8")
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnreadableFile(f"{printable_path(path)}: malformed telemetry table ({problem[:200]})") from None
+
+
+def telemetry_frame(directory: Path, records: list[dict[str, Any]], id_columns: tuple[str, ...]) -> pd.DataFrame:
+    """The telemetry of every run in ``records`` (stored under ``directory``), one row per sample,
+    led by the run's ``id_columns``; runs without telemetry add no rows."""
+    frames = []
+    for record in records:
+        frame = read_telemetry(Path(directory) / record["run_id"])
+        if frame is not None and len(frame):
+            for position, name in enumerate(id_columns):
+                frame.insert(position, name, record.get(name))
+            frames.append(frame)
+    if not frames:
+        return pd.DataFrame({**{name: pd.Series(dtype="object") for name in id_columns},
+                             **{name: pd.Series(dtype=dtype) for name, dtype in TELEMETRY_DTYPES.items()}})
+    return pd.concat(frames, ignore_index=True)
