@@ -99,10 +99,11 @@ def test_export_tidy_tables(two_runs, tmp_path):
     from bpfree.export import export_tables
 
     paths = export_tables(two_runs, tmp_path / "csv", "csv")
-    assert [p.name for p in paths] == ["runs.csv", "curves.csv", "phases.csv"]
-    runs, curves = pd.read_csv(paths[0]), pd.read_csv(paths[1])
+    assert [p.name for p in paths] == ["runs.csv", "curves.csv", "phases.csv", "telemetry.csv"]
+    runs, curves, telemetry = pd.read_csv(paths[0]), pd.read_csv(paths[1]), pd.read_csv(paths[3])
     assert len(runs) == 2 and len(curves) == 4 and set(curves["seed"]) == {0, 1}
-    assert {"run_id", "epoch", "val_accuracy", "train_loss"} <= set(curves.columns)
+    assert {"run_id", "epoch", "val_accuracy", "train_loss", "cumulative_train_flops", "cumulative_steps"} <= set(curves.columns)
+    assert set(telemetry["seed"]) == {0, 1} and {"run_id", "time_s", "rss_bytes", "activity"} <= set(telemetry.columns)
     pytest.importorskip("pyarrow")
     [runs_pq, *_] = export_tables(two_runs, tmp_path / "pq", "parquet")
     assert pd.read_parquet(runs_pq)["run_id"].tolist() == runs["run_id"].tolist()
