@@ -3,7 +3,7 @@
 Every ``interval_s`` (default 0.1 s) a daemon thread records one row: the time, what the run is
 doing (``phase``: the algorithm's training phase, ``setup`` or ``final``; ``activity``: setup,
 train, eval, checkpoint, test, end; ``epoch``: epochs completed), the process's RSS and CPU use
-(psutil), the CUDA caching allocator's allocated and reserved bytes, on NVIDIA GPUs the device's
+(psutil; ``os.times``), the CUDA caching allocator's allocated and reserved bytes, on NVIDIA GPUs the device's
 memory in use, power, utilisation and clocks (NVML through nvidia-ml-py), and the CPU packages'
 and DRAM's energy (RAPL) where readable. An empty cell means "not available here".
 
@@ -228,6 +228,7 @@ class TelemetrySampler:
         self._resumed = Resumed()
         self._clock_start = 0.0
         self._cpu_since: tuple[float, float] = (0.0, 0.0)  # (monotonic time, process CPU seconds) of the CPU baseline
+        self._cells: dict[str, str] = {}  # phase and activity names as CSV cells
 
     # -- the engine's side ------------------------------------------------------------------------
     def start(self) -> TelemetrySampler:
@@ -332,36 +333,49 @@ class TelemetrySampler:
             self._close_sources()
 
     def _sample(self) -> None:
+        """One row into the buffer. Kept lean: the thread holds the GIL while it runs Python, and the
+        training thread needs the GIL between its operators."""
         activity, phase, epoch = self.state
         assert self._process is not None
         now = time.monotonic()
-        rss = self._process.memory_info().rss
         row: dict[str, Any] = {
-            "time_s": round(self._resumed.time_s + now - self._clock_start, 6),
-            "unix_time": round(time.time(), 3),
-            "phase": csv_cell(plain(phase, one_line=True)),
+            "time_s": f"{self._resumed.time_s + now - self._clock_start:.6f}",
+            "unix_time": f"{time.time():.3f}",
+            "phase": self._text_cell(phase),
             "epoch": epoch,
-            "rss_bytes": rss,
+            "rss_bytes": self._process.memory_info().rss,
             "cpu_percent": self._cpu_percent(now),
-            "activity": activity,
+            "activity": self._text_cell(activity),
         }
         if self._cuda_index is not None:
-            row["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self._cuda_index)
-            row["cuda_reserved_bytes"] = torch.cuda.memory_reserved(self._cuda_index)
+            # One read of the allocator's counters (memory_allocated and memory_reserved would each
+            # flatten and sort every statistic).
+            stats = torch.cuda.memory_stats_as_nested_dict(self._cuda_index)
+            row["cuda_allocated_bytes"] = stats["allocated_bytes"]["all"]["current"]
+            row["cuda_reserved_bytes"] = stats["reserved_bytes"]["all"]["current"]
         if self._nvml is not None:
             row.update(self._nvml.read())
         if self._rapl is not None:
-            row["rapl_energy_j"] = round(self._resumed.rapl_energy_j + self._rapl.read(), 3)
-        line = io.StringIO()
-        csv.writer(line, lineterminator="").writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
-        self._buffer.append(line.getvalue())
+            row["rapl_energy_j"] = f"{self._resumed.rapl_energy_j + self._rapl.read():.3f}"
+        self._buffer.append(",".join("" if (value := row.get(c)) is None else str(value) for c in COLUMNS))
 
-    def _cpu_seconds(self) -> float:
-        assert self._process is not None
-        times = self._process.cpu_times()
+    def _text_cell(self, text: str) -> str:
+        """A text value as a CSV cell (escaped for spreadsheets, quoted where needed), computed once per value."""
+        cell = self._cells.get(text)
+        if cell is None:
+            line = io.StringIO()
+            csv.writer(line, lineterminator="").writerow([csv_cell(plain(text, one_line=True))])
+            cell = self._cells[text] = line.getvalue()
+        return cell
+
+    @staticmethod
+    def _cpu_seconds() -> float:
+        # The process's user + system time, all threads: os.times is one syscall (a few µs), where
+        # psutil's cpu_times parses /proc (about 100 µs, part of it holding the GIL).
+        times = os.times()
         return times.user + times.system
 
-    def _cpu_percent(self, now: float) -> float | None:
+    def _cpu_percent(self, now: float) -> str | None:
         """The process's CPU use since the baseline; None when the baseline is under half an interval old
         (CPU time advances in clock ticks, so a few milliseconds say nothing)."""
         since, cpu_before = self._cpu_since
@@ -369,7 +383,7 @@ class TelemetrySampler:
             return None
         cpu = self._cpu_seconds()
         self._cpu_since = (now, cpu)
-        return round(100.0 * (cpu - cpu_before) / (now - since), 1)
+        return f"{100.0 * (cpu - cpu_before) / (now - since):.1f}"
 
     def _flush(self, sync: bool) -> None:
         self._flush_now = False
