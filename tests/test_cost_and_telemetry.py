@@ -13,7 +13,7 @@ from bpfree.config import build_config, identity
 from bpfree.errors import ConfigError
 from bpfree.loop import interval_points
 from bpfree.meters.telemetry import COLUMNS, TELEMETRY_FILE, Rapl, TelemetrySampler
-from bpfree.results import read_telemetry
+from bpfree.results import check_record, read_telemetry
 from bpfree.runner import execute, resume
 
 N_TRAIN, BATCH = 3500, 128  # mnist5k's training split; 27 full batches and one of 44
@@ -77,6 +77,13 @@ def test_every_evaluation_point_records_the_cost_so_far(tmp_path, one_thread):
     assert list(curves["cumulative_steps"]) == steps and set(curves["point"]) == {"epoch", "interval"}
     result_model = bpfree.Result.from_run_dir(run_dir)
     assert result_model.curves[0].point == "interval" and result_model.curves[3].cumulative_train_flops == epoch_flops
+    # a record written before these fields existed still checks and loads
+    old_curve = ("phase", "epoch", "train_loss", "val_accuracy", "epoch_time_s", "eval_time_s", "energy_j",
+                 "cumulative_train_time_s", "cumulative_energy_j")
+    new_fields = ("train_steps", "train_samples_seen", "train_accuracy_samples", "train_accuracy_time_s", "telemetry")
+    old = {k: v for k, v in result.items() if k not in new_fields}
+    old["curves"] = [{k: r[k] for k in old_curve} for r in rows if r["point"] == "epoch"]
+    assert check_record(old) is None and bpfree.Result.model_validate(old).curves[1].point is None
 
 
 def test_resumed_run_appends_telemetry_after_a_torn_line_and_off_writes_none(tmp_path, one_thread):
