@@ -7,6 +7,7 @@ import math
 import threading
 
 import pytest
+import torch
 
 import bpfree
 from bpfree.config import build_config, identity
@@ -118,8 +119,6 @@ def test_resumed_run_appends_telemetry_after_a_torn_line_and_off_writes_none(tmp
 
 
 def test_a_failing_sampler_warns_once_and_stops(tmp_path, monkeypatch):
-    import torch
-
     sampler = TelemetrySampler(tmp_path / TELEMETRY_FILE, torch.device("cpu"), interval_s=0.01)
 
     def broken_counter() -> None:
@@ -172,3 +171,23 @@ def test_eval_every_forms_and_grid():
     assert interval_points(("epoch", 0.3), 10, 0) == {3, 6, 9}
     assert interval_points(("steps", 10), 28, 25) == {5, 15, 25}  # the run's 30th, 40th and 50th steps
     assert interval_points(("steps", 28), 28, 0) == set() and interval_points(None, 28, 0) == set()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (BPFREE_GPU_TESTS=1 keeps it visible)")
+@pytest.mark.parametrize("algorithm", ["bp", "ff"])
+def test_points_between_captured_steps_and_gpu_telemetry(algorithm, tmp_path):
+    # every 5 steps: points fall between warm-up, capture and replayed steps of both batch kinds
+    fine_dir, fine = execute(tiny(tmp_path / "fine", algorithm=algorithm, model="mlp:2x64", device="cuda", eval_every="5 steps"))
+    _, plain_run = execute(tiny(tmp_path / "plain", algorithm=algorithm, model="mlp:2x64", device="cuda"))
+    assert fine["cuda_graphs"]["captured_kinds"] and not fine["cuda_graphs"]["eager_kinds"]
+    assert fine["train_flops"] == plain_run["train_flops"]
+    epoch_rows = [r for r in fine["curves"] if r["point"] == "epoch"]
+    for a, b in zip(epoch_rows, plain_run["curves"]):  # evaluating between steps leaves training alone
+        assert a["cumulative_steps"] == b["cumulative_steps"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=0.004)
+    assert len(fine["curves"]) > len(plain_run["curves"])
+    frame = read_telemetry(fine_dir)
+    assert (frame["cuda_reserved_bytes"] > 0).any() and frame["time_s"].is_monotonic_increasing and not sampler_threads()
+    if "nvml" in fine["telemetry"]["sources"]:
+        assert frame["gpu_memory_used_bytes"].notna().all() and frame["gpu_power_w"].notna().any()

@@ -157,7 +157,8 @@ def prepare_file(path: Path) -> Resumed:
     Raises ValueError when the file is not a bpfree telemetry table (it is then left alone).
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+        # never through a link: a torn tail is cut off, and only in the run's own file
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return Resumed()
     try:
