@@ -41,7 +41,7 @@ from bpfree.config import build_config
 from bpfree.data import train_batches
 from bpfree.engine import Engine
 from bpfree.fileio import atomic_write_json
-from bpfree.loop import MeasuredWindow, epoch_clock, train_epoch
+from bpfree.loop import MeasuredWindow, RawEnergy, epoch_clock, train_epoch
 from bpfree.meters.energy import EnergyMeter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,6 +403,22 @@ def test_a_window_split_around_excluded_stretches_needs_a_minimum_window_per_par
     assert short.joules is None and short.components is None and " ms in 2)" in short.reason
     long = window(0.2, 0.1)  # 0.3 s in two parts: read, off by at most one refresh (1 J) per part
     assert long.joules == pytest.approx(100 * long.seconds, abs=2.5) and long.reason is None
+
+
+def test_a_run_sums_the_raw_readings_of_windows_too_short_to_read_alone():
+    """Each window is shorter than the counter's minimum window, so each alone is null; their sum is
+    the run's energy once the windows together span sqrt(k) minimum windows (edge errors average out)."""
+    counter = RefreshingCounter(0.005)  # minimum window 0.05 s
+    meter = EnergyMeter(torch.device("cpu"), monitor_factory=lambda d: (counter, "fake NVML counter", None, 0.005))
+    total = RawEnergy()
+    for _ in range(20):
+        with MeasuredWindow(torch.device("cpu"), meter) as measured:
+            time.sleep(0.03)
+        assert measured.joules is None and "not read" in measured.reason
+        total = total + measured.raw_energy
+    assert total.windows == 20 and meter.aggregate_too_short(total.seconds, total.windows) is None
+    assert total.joules == pytest.approx(100 * total.seconds, abs=5.0)  # 100 W; 20 edges of <= 0.5 J, averaging out
+    assert meter.aggregate_too_short(0.2, 20) is not None  # 20 windows need sqrt(20) x 0.05 s = 0.22 s
 
 
 @pytest.mark.parametrize("device", DEVICES)

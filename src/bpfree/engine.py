@@ -36,6 +36,7 @@ from bpfree.loop import (
     EpochOutcome,
     EvalOutcome,
     IntervalPoint,
+    RawEnergy,
     epoch_clock,
     evaluate,
     interval_points,
@@ -44,7 +45,7 @@ from bpfree.loop import (
     train_epoch,
 )
 from bpfree.meters.cpu import flush_denormal_scope
-from bpfree.meters.energy import EnergyMeter, merge_components
+from bpfree.meters.energy import EnergyMeter
 from bpfree.meters.flops import FlopLedger
 from bpfree.meters.memory import MemoryMeter
 from bpfree.meters.telemetry import TELEMETRY_FILE, TelemetrySampler
@@ -82,6 +83,10 @@ class Progress:
     eval_energy_j: float | None = 0.0
     energy_reason: str | None = None
     energy_components: dict[str, float | None] | None = None  # training energy by component
+    # Raw counter readings of every training / evaluation window (energy_j and eval_energy_j are
+    # their sums once the windows together are long enough for the counter: EnergyMeter.aggregate_too_short).
+    train_energy_raw: dict[str, Any] = field(default_factory=lambda: asdict(RawEnergy()))
+    eval_energy_raw: dict[str, Any] = field(default_factory=lambda: asdict(RawEnergy()))
     train_flops: int = 0
     eval_flops: int = 0
     flops_per_step: dict[str, int] = field(default_factory=dict)
@@ -388,9 +393,21 @@ class Engine:
         )
         st.eval_time_s += val.seconds
         st.probe_time_s += val.probe_s
-        st.eval_energy_j = _add(st.eval_energy_j, val.joules)
+        self._account_evaluation(val)
         st.eval_flops = eval_flops.total
         return val
+
+    def _run_energy(self, raw: RawEnergy) -> tuple[float | None, str | None]:
+        """A run's energy from the raw readings of all its windows, or None with the reason."""
+        if raw.joules is None:
+            return None, None
+        short = self.energy.aggregate_too_short(raw.seconds, raw.windows)
+        return (None, short) if short is not None else (raw.joules, None)
+
+    def _account_evaluation(self, outcome: EvalOutcome) -> None:
+        raw = RawEnergy(**self.state.eval_energy_raw) + outcome.raw_energy
+        self.state.eval_energy_raw = asdict(raw)
+        self.state.eval_energy_j = self._run_energy(raw)[0]
 
     def _train_accuracy(self) -> float:
         """Accuracy on the fixed training sample: no FLOP ledger, no energy window, and its time is
@@ -430,10 +447,11 @@ class Engine:
         st.train_cpu_time_s += outcome.cpu_seconds
         st.phase_train_time_s += outcome.seconds
         st.probe_time_s += outcome.probe_s
-        st.energy_j = _add(st.energy_j, outcome.joules)
-        if st.energy_j is not None:
-            st.energy_components = merge_components(st.energy_components, outcome.energy_components)
-        st.energy_reason = st.energy_reason or outcome.energy_reason
+        raw = RawEnergy(**st.train_energy_raw) + outcome.raw_energy
+        st.train_energy_raw = asdict(raw)
+        st.energy_j, short = self._run_energy(raw)
+        st.energy_components = raw.components if st.energy_j is not None else None
+        st.energy_reason = short or st.energy_reason or outcome.energy_reason
         st.phase_peak_memory_bytes = _max(st.phase_peak_memory_bytes, outcome.peak_memory_bytes)
 
     def _divergence(self, loss: float) -> str | None:
@@ -527,7 +545,7 @@ class Engine:
             self.layer_accuracy = self._layer_accuracy()
             st.eval_time_s += test.seconds
             st.probe_time_s += test.probe_s
-            st.eval_energy_j = _add(st.eval_energy_j, test.joules)
+            self._account_evaluation(test)
             st.status = "completed"
             if self.run_dir is not None:
                 from bpfree.weights import WEIGHTS_FILE, save_weights

@@ -26,7 +26,7 @@ from bpfree.algorithms.base import Algorithm, EpochClock
 from bpfree.capture import CapturedStep
 from bpfree.data import Splits, eval_batches, num_batches, train_batches
 from bpfree.meters.cpu import load_average
-from bpfree.meters.energy import EnergyMeter, add_components
+from bpfree.meters.energy import EnergyMeter, EnergyReading, add_components, merge_components
 from bpfree.meters.flops import FlopLedger, run_counted
 from bpfree.meters.memory import MemoryMeter
 from bpfree.meters.timer import synchronize
@@ -64,6 +64,8 @@ class MeasuredWindow:
         self._start: float | None = None
         self._energy_windows = 0  # counter windows read (one per stretch between excluded ones)
         self._energy_seconds = 0.0  # their total length as the meter timed them
+        # The counters' differences as read, before the window is judged: a run sums these over its windows.
+        self.raw_energy = RawEnergy(0.0 if self.joules is not None else None)
         self._peak_before_pause: int | None = None  # the peak of the stretches before a pause
 
     def __enter__(self) -> MeasuredWindow:
@@ -98,6 +100,7 @@ class MeasuredWindow:
             reading = self.energy.end(raw=True)  # judged as a whole in __exit__
             self._energy_windows += 1
             self._energy_seconds += reading.seconds or 0.0
+            self.raw_energy = self.raw_energy.plus(reading)
             self.components = add_components(self.components, reading) if reading.joules is not None else self.components
             if reading.joules is None:
                 self.joules, self.reason = None, self.reason or reading.reason
@@ -141,6 +144,27 @@ class MeasuredWindow:
             self._open()
 
 
+@dataclass(frozen=True)
+class RawEnergy:
+    """Counter readings summed as read (not judged against the counter's refresh period), with how
+    many windows and seconds they span; ``joules`` is None once any window could not be read."""
+
+    joules: float | None = 0.0
+    components: dict[str, float | None] | None = None
+    windows: int = 0
+    seconds: float = 0.0
+
+    def plus(self, reading: EnergyReading) -> RawEnergy:
+        joules = None if self.joules is None or reading.joules is None else self.joules + reading.joules
+        components = add_components(self.components, reading) if joules is not None else None
+        return RawEnergy(joules, components, self.windows + 1, self.seconds + (reading.seconds or 0.0))
+
+    def __add__(self, other: RawEnergy) -> RawEnergy:
+        joules = None if self.joules is None or other.joules is None else self.joules + other.joules
+        components = merge_components(self.components, other.components) if joules is not None else None
+        return RawEnergy(joules, components, self.windows + other.windows, self.seconds + other.seconds)
+
+
 @dataclass
 class EpochOutcome:
     """What one training epoch produced; ``loss`` is read once, after the window closed."""
@@ -157,6 +181,7 @@ class EpochOutcome:
     energy_components: dict[str, float | None] | None = None
     cpu_seconds: float = 0.0  # process CPU time inside the window
     load_average: float | None = None  # the machine's 1-minute load average at the epoch's end
+    raw_energy: RawEnergy = field(default_factory=RawEnergy)  # the window's readings before judging
 
 
 @dataclass
@@ -279,6 +304,7 @@ def train_epoch(
         energy_components=window.components if window.joules is not None else None,
         cpu_seconds=window.cpu_seconds,
         load_average=load_average(),
+        raw_energy=window.raw_energy,
     )
 
 
@@ -290,6 +316,7 @@ class EvalOutcome:
     probe_s: float
     joules: float | None
     energy_reason: str | None
+    raw_energy: RawEnergy = field(default_factory=RawEnergy)  # the window's readings before judging
 
 
 def evaluate(
@@ -330,6 +357,7 @@ def evaluate(
         probe_s=window.excluded_s,
         joules=window.joules,
         energy_reason=window.reason,
+        raw_energy=window.raw_energy,
     )
 
 

@@ -11,12 +11,15 @@ window of a few tens of milliseconds reads 0 J or one quantum. A window is there
 it spans at least ``WINDOW_PERIODS`` refresh periods of its slowest counter (NVML: 10 x 100 ms = 1 s,
 error <= 10 %); a shorter window's energy is ``None`` with the reason, never 0 or a quantum. A
 measurement made of k windows (an epoch split around its FLOP probes) needs k times that in all.
-Captured GPU epochs of small networks are that short: ``bpfree bench`` measures their J/epoch over
-one window of many back-to-back epochs instead.
+Captured GPU epochs of small networks are that short: their per-epoch energy is null, while the
+run's total sums the raw readings of all its windows (:meth:`EnergyMeter.aggregate_too_short`:
+independent edge errors average out), and ``bpfree bench`` measures J/epoch over one window of many
+back-to-back epochs.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -185,6 +188,22 @@ class EnergyMeter:
         return (
             f"energy not read: windows shorter than {self.min_window_s:g} s each (here {1000 * seconds:.0f} ms in {windows}), "
             f"and the energy counter is refreshed only every {1000 * self.refresh_s:g} ms"
+        )
+
+    def aggregate_too_short(self, seconds: float, windows: int) -> str | None:
+        """Why the sum of ``windows`` separate windows lasting ``seconds`` in all is not a run's energy, or None.
+
+        A single window's reading is judged by :meth:`too_short` (worst case: off by a refresh
+        period's energy at each edge). Over many windows those edge errors are independent of one
+        another and zero on average (the counter's staleness does not depend on where a window
+        starts), so the sum's error grows like sqrt(k) quanta, not k: the sum is kept once it spans
+        sqrt(k) minimum windows, its standard error then below about 4% of the total.
+        """
+        if windows == 0 or seconds >= math.sqrt(windows) * self.min_window_s:
+            return None
+        return (
+            f"energy not read: {windows} measured windows of {seconds:.3g} s in all, too little for a counter "
+            f"refreshed only every {1000 * self.refresh_s:g} ms (needs {math.sqrt(windows) * self.min_window_s:.3g} s)"
         )
 
     def end(self, raw: bool = False) -> EnergyReading:
