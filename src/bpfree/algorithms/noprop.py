@@ -50,7 +50,6 @@ the test accuracy under both (``test_accuracy_by_readout``).
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -61,6 +60,7 @@ from torch.func import functional_call, vmap
 from bpfree.algorithms import register
 from bpfree.algorithms.base import Algorithm, EpochClock, SearchDim, make_optimizer
 from bpfree.models.noprop_net import snr
+from bpfree.models.noprop_parts import kl_to_standard_normal
 
 
 class NoPropParams(BaseModel):
@@ -72,13 +72,6 @@ class NoPropParams(BaseModel):
     parallel: bool = Field(
         False, description="loop=joint: train the T blocks as one vmap'd call over stacked weights (speed for memory)"
     )
-
-
-def kl_to_standard_normal(u: torch.Tensor, alpha_bar_0: float) -> torch.Tensor:
-    """KL(N(√ā u, (1-ā) I) ‖ N(0, I)) per row of u, closed form."""
-    d = u.shape[-1]
-    a = alpha_bar_0
-    return 0.5 * (d * (1.0 - a) + a * u.pow(2).sum(-1) - d - d * math.log(1.0 - a))
 
 
 @register
@@ -164,13 +157,7 @@ class NoProp(Algorithm):
         g = self.generator
         eps = torch.randn(n_blocks, batch, self.d, generator=g, device=g.device, dtype=like.dtype)
         eps_T = torch.randn(n_blocks, batch, self.d, generator=g, device=g.device, dtype=like.dtype)
-        masks = None
-        if self.model.dropout > 0 and self.model.training:  # boolean keep-masks (1 byte per element)
-            keep = 1.0 - self.model.dropout
-            masks = tuple(
-                torch.rand(n_blocks, batch, *shape, generator=g, device=g.device, dtype=like.dtype) < keep
-                for shape in self.model.blocks[0].mask_shapes
-            )
+        masks = self.model.blocks[0].draw_masks(batch, g, like.dtype, leading=(n_blocks,))
         return eps, eps_T, masks
 
     # -- losses ---------------------------------------------------------------------------------

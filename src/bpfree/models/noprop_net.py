@@ -45,6 +45,9 @@ z_t = a_t û_θt(z_{t-1}, x) + b_t z_{t-1} + √c_t ε_t with the Gaussian-poste
 Read-out at test time (:meth:`NoPropNet.read_out`, config ``readout``), one rule for NoProp and its
 BP twin: ``mean`` (z_0 = 0, no noise) or ``sampled`` (z_0 and the ε_t drawn, from a fixed seed).
 
+The image path, class embeddings, head, read-out rule and BP-twin ``forward`` are shared with the
+NoProp-CT/FM network (:mod:`bpfree.models.noprop_parts`).
+
 The BP twin, ``forward(x)``: the same chain trained end to end by backpropagation through the
 sampled path ("BPTT on the sampled paths of an SDE resembling NoProp-DT", the paper's backprop
 baseline as described by DiffusionBlocks Table 6). In training mode z_0 ~ N(0, I) and the ε_t are
@@ -63,6 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpfree.models import register_model
+from bpfree.models.noprop_parts import ConvImagePath, LatentLabelModel, check_shared, parse_shared_token
 
 ALPHA_BAR_CLIP = 1e-3  # ᾱ_t spans [clip, 1 - clip]: SNR(0) > 0 and SNR(T) finite
 
@@ -113,22 +117,12 @@ class NoPropShape:
     head_init: str = "embed"  # "embed": head.weight = W_Embed, bias 0; "random": PyTorch default
 
 
-class NoPropBlock(nn.Module):
+class NoPropBlock(ConvImagePath):
     """û_θt(z_{t-1}, x) up to the final softmax·W_Embed: returns C logits."""
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, embed_dim: int, shape: NoPropShape) -> None:
-        super().__init__()
-        c_in, height, width = input_shape
-        c, h = shape.channels, shape.hidden
-        self.p = shape.dropout
-        self.conv1 = nn.Conv2d(c_in, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, 2 * c, 3, padding=1)
-        self.conv3 = nn.Conv2d(2 * c, 4 * c, 3, padding=1)
-        h2, w2 = height // 2, width // 2
-        h4, w4 = h2 // 2, w2 // 2
-        # Shapes of the three dropout sites (without the batch dimension), for explicit masks.
-        self.mask_shapes = ((c, h2, w2), (2 * c, h2, w2), (4 * c, h4, w4))
-        self.img_fc = nn.Linear(4 * c * h4 * w4, h)
+        super().__init__(input_shape, shape.channels, shape.hidden, shape.dropout)
+        h = shape.hidden
         self.img_norm = nn.LayerNorm(h)
         self.z_fc = nn.Linear(embed_dim, h)
         self.z_norm = nn.LayerNorm(h)
@@ -142,18 +136,8 @@ class NoPropBlock(nn.Module):
         self.fuse_norm2 = nn.LayerNorm(h)
         self.out = nn.Linear(h, num_classes)
 
-    def _drop(self, a: torch.Tensor, masks: tuple[torch.Tensor, ...] | None, i: int) -> torch.Tensor:
-        if masks is not None:  # boolean keep-masks drawn by the caller
-            return a * masks[i] * (1.0 / (1.0 - self.p))
-        return F.dropout(a, self.p, self.training)
-
     def forward(self, x: torch.Tensor, z: torch.Tensor, masks: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        a = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        a = self._drop(a, masks, 0)
-        a = self._drop(F.relu(self.conv2(a)), masks, 1)
-        a = F.max_pool2d(F.relu(self.conv3(a)), 2)
-        a = self._drop(a, masks, 2)
-        img = self.img_norm(self.img_fc(a.flatten(-3)))
+        img = self.img_norm(self.image_features(x, masks))
         lab = F.relu(self.z_norm(self.z_fc(z)))
         lab = lab + self.res_norm2(self.res_fc2(F.relu(self.res_norm1(self.res_fc1(lab)))))
         f = torch.cat([img, lab], dim=-1)
@@ -162,35 +146,22 @@ class NoPropBlock(nn.Module):
         return self.out(f)
 
 
-class NoPropNet(nn.Module):
+class NoPropNet(LatentLabelModel):
     """T NoProp-DT blocks, the final classifier ``head`` and the class embeddings ``embed``."""
 
-    READOUTS = ("mean", "sampled")
+    backprop_notes = (
+        "BP twin of NoProp-DT: the T-block chain of Eq. 3 trained end to end by backpropagation through the sampled "
+        "path (z_0 and the ε_t from the global RNG), as the paper's backprop baseline",
+    )
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, shape: NoPropShape = NoPropShape()) -> None:
-        super().__init__()
+        super().__init__(input_shape, num_classes, shape.embed_dim)
         self.shape = shape
-        self.input_shape = input_shape
-        self.num_classes = num_classes
-        self.embed_dim = num_classes if shape.embed_dim is None else shape.embed_dim
-        self.embedding_learned = shape.embed_dim is not None
-        if self.embedding_learned:
-            w = torch.empty(num_classes, self.embed_dim)
-            nn.init.orthogonal_(w)
-            self.embed = nn.Parameter(w)
-        else:
-            self.register_buffer("embed", torch.eye(num_classes))
+        self._build_embedding()
         self.blocks = nn.ModuleList(
             NoPropBlock(input_shape, num_classes, self.embed_dim, shape) for _ in range(shape.T)
         )
-        self.head = nn.Linear(self.embed_dim, num_classes)  # p̂_θout(y | z_T) = softmax(head(z_T))
-        if shape.head_init == "embed":  # start as the nearest-embedding read-out: logits_k = u_k · z_T
-            with torch.no_grad():
-                self.head.weight.copy_(self.embed)
-                self.head.bias.zero_()
-        # Test-time read-out of the chain (``read_out``); set per run from the config's ``readout``.
-        self.readout = "mean"
-        self.readout_seed = 7_919
+        self._build_head(shape.head_init)
         # The noise schedule is fixed by the spec (not a parameter, not in the state dict).
         self.alpha_bar = alpha_bar_schedule(shape.T, shape.schedule)
         a, b, c = posterior_coefficients(self.alpha_bar)
@@ -204,65 +175,36 @@ class NoPropNet(nn.Module):
     def dropout(self) -> float:
         return self.shape.dropout
 
-    def to_embedding(self, logits: torch.Tensor) -> torch.Tensor:
-        """û = softmax(logits) · W_Embed."""
-        return torch.softmax(logits, dim=-1) @ self.embed
-
     def denoise(self, t: int, x: torch.Tensor, z: torch.Tensor, masks=None) -> torch.Tensor:
         """Block t (1-based) predicts the clean label embedding û_θt(z_{t-1}, x)."""
         return self.to_embedding(self.blocks[t - 1](x, z, masks))
 
-    def chain(
-        self, x: torch.Tensor, z: torch.Tensor, noise: bool, generator: torch.Generator | None = None
+    def _run(
+        self, x: torch.Tensor, z: torch.Tensor, noise: bool, generator: torch.Generator | None, logits: dict | None = None
     ) -> torch.Tensor:
-        """The inference chain from z_0 = ``z`` to z_T (paper Eq. 3); ε_t drawn from ``generator`` if ``noise``."""
+        """Eq. 3 from z_0 = ``z`` to z_T; block t's logits go into ``logits`` (if given) as ``block{t}``."""
         for t in range(1, self.T + 1):
-            z = self.coef_a[t - 1] * self.denoise(t, x, z) + self.coef_b[t - 1] * z
+            block_logits = self.blocks[t - 1](x, z)
+            if logits is not None:
+                logits[f"block{t}"] = block_logits
+            z = self.coef_a[t - 1] * self.to_embedding(block_logits) + self.coef_b[t - 1] * z
             if noise:
                 eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
                 z = z + math.sqrt(self.coef_c[t - 1]) * eps
         return z
 
-    def read_out(self, x: torch.Tensor) -> torch.Tensor:
-        """Class scores at test time by the model's ``readout`` rule, the same for NoProp and its BP twin.
-
-        ``mean``: z_0 = 0 and no noise (the chain's mean path). ``sampled``: z_0 ~ N(0, I) and the ε_t of
-        Eq. 3, drawn from a generator reset to ``readout_seed`` at every call, so evaluation is
-        deterministic and consumes no training randomness.
-        """
-        shape = (x.shape[0], self.embed_dim)
-        if self.readout == "sampled":
-            generator = torch.Generator(device=x.device).manual_seed(self.readout_seed)
-            z = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
-            return self.head(self.chain(x, z, noise=True, generator=generator))
-        return self.head(self.chain(x, x.new_zeros(shape), noise=False))
+    def chain(
+        self, x: torch.Tensor, z: torch.Tensor, noise: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The inference chain from z_0 = ``z`` to z_T (paper Eq. 3); ε_t drawn from ``generator`` if ``noise``."""
+        return self._run(x, z, noise, generator)
 
     def block_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Block t's class logits on the ``read_out`` chain (the same z_0 and noise), for t = 1..T."""
-        shape = (x.shape[0], self.embed_dim)
-        generator = None
-        if self.readout == "sampled":
-            generator = torch.Generator(device=x.device).manual_seed(self.readout_seed)
-            z = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
-        else:
-            z = x.new_zeros(shape)
-        out = {}
-        for t in range(1, self.T + 1):
-            logits = self.blocks[t - 1](x, z)
-            out[f"block{t}"] = logits
-            z = self.coef_a[t - 1] * self.to_embedding(logits) + self.coef_b[t - 1] * z
-            if generator is not None:
-                eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-                z = z + math.sqrt(self.coef_c[t - 1]) * eps
+        z, generator = self.start(x)
+        out: dict[str, torch.Tensor] = {}
+        self._run(x, z, generator is not None, generator, out)
         return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The BP twin: the chain end to end (sampled path in training; ``read_out`` in eval), then the head."""
-        if not self.training:
-            return self.read_out(x)
-        shape = (x.shape[0], self.embed_dim)
-        z = torch.randn(shape, device=x.device, dtype=x.dtype)
-        return self.head(self.chain(x, z, noise=True))
 
 
 def parse_noprop(args: str) -> NoPropShape:
@@ -273,33 +215,16 @@ def parse_noprop(args: str) -> NoPropShape:
     try:
         values["T"] = int(tokens[0])
         for tok in tokens[1:]:
-            if tok == "onehot":
-                values["embed_dim"] = None
-            elif tok in ("cosine", "linear"):
+            if tok in ("cosine", "linear"):  # before the shared tokens: "cosine" starts like cC
                 values["schedule"] = tok
-            elif tok == "rhead":
-                values["head_init"] = "random"
-            elif tok[0] == "c":
-                values["channels"] = int(tok[1:])
-            elif tok[0] == "h":
-                values["hidden"] = int(tok[1:])
-            elif tok[0] == "d":
-                values["embed_dim"] = int(tok[1:])
-            elif tok[0] == "p":
-                values["dropout"] = float(tok[1:])
-            else:
+            elif not parse_shared_token(tok, values):
                 raise ValueError
     except (ValueError, IndexError):
         raise ValueError("expected T then optional cC, hH, dD or onehot, pP, cosine, linear or rhead tokens") from None
     shape = NoPropShape(**values)
     if not 1 <= shape.T <= 1000:
         raise ValueError("T must be 1..1000")
-    if not 1 <= shape.channels <= 1024 or not 1 <= shape.hidden <= 65536:
-        raise ValueError("channels 1..1024 and hidden width 1..65536")
-    if shape.embed_dim is not None and not 1 <= shape.embed_dim <= 65536:
-        raise ValueError("embedding dimension 1..65536")
-    if not 0.0 <= shape.dropout < 1.0:
-        raise ValueError("dropout must be in [0, 1)")
+    check_shared(shape.channels, shape.hidden, shape.embed_dim, shape.dropout)
     return shape
 
 
