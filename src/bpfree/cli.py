@@ -268,7 +268,7 @@ def print_run(result: dict[str, Any], run_dir: Path, fmt: OutputFormat) -> None:
 @interruptible
 def run(
     config: Optional[Path] = typer.Argument(None, help="YAML config; flags override its fields"),
-    algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="bp, mf, ff, cafo, noprop (see `bpfree list`)"),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="bp, mf, ff, cafo, noprop, noprop-ct, noprop-fm (see `bpfree list`)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="mnist5k (embedded), mnist, fashion_mnist, cifar10, cifar100"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="e.g. mlp:2x1000, cnn3"),
     epochs: Optional[int] = typer.Option(None, help="maximum epochs (per phase)"),

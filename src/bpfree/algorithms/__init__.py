@@ -27,4 +27,4 @@ def get_algorithm(name: str) -> type[Algorithm]:
 
 
 # The built-in algorithms (each registers itself on import).
-from bpfree.algorithms import bp, cafo, ff, mf, noprop  # noqa: E402,F401
+from bpfree.algorithms import bp, cafo, ff, mf, noprop, noprop_ct, noprop_fm  # noqa: E402,F401

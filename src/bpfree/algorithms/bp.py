@@ -21,6 +21,9 @@ class Backprop(Algorithm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # A model whose forward runs a procedure of its own (NoProp's chain, an ODE solver) says how
+        # backprop trains it; the run's record lists that with BP's deviations.
+        self.deviations = (*type(self).deviations, *getattr(self.model, "backprop_notes", ()))
         self.optimizers["model"] = make_optimizer(self.model.parameters(), self.settings)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -75,4 +75,4 @@ def model_family_names() -> list[str]:
 
 
 # The built-in families (each registers itself on import).
-from bpfree.models import cnn, mlp, noprop_net  # noqa: E402,F401
+from bpfree.models import cnn, mlp, noprop_net, noprop_time  # noqa: E402,F401
