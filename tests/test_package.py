@@ -36,7 +36,7 @@ def test_shipped_configs_are_package_data_found_from_any_folder(tmp_path, monkey
     assert resolve("configs/quick/mf_mnist5k.yaml") == quick / "mf_mnist5k.yaml"
     assert resolve("paper/suite.yaml").is_file()
     assert resolve("nope.yaml") == Path("nope.yaml")
-    with pytest.raises(UserError, match="expected one of quick, paper"):
+    with pytest.raises(UserError, match="expected one of quick, extra, paper"):
         packaged_dir("other")
 
 

@@ -1,9 +1,10 @@
-"""Configs shipped inside the package: ``quick/`` (the default comparison) and ``paper/`` (GPU runs).
+"""Configs shipped inside the package: ``quick/`` (the default comparison), ``extra/`` (quick configs of
+further algorithms and algorithm x model pairs) and ``paper/`` (GPU runs).
 
 They are package data, read through :mod:`importlib.resources`, so an installed wheel finds them
 from any working directory. A config path given on the command line is looked up on disk first,
-then here, so ``configs/quick/ff_mnist5k.yaml``, ``quick/ff_mnist5k.yaml`` and
-``paper/suite.yaml`` work everywhere.
+then here, so ``configs/quick/ff_mnist5k.yaml``, ``quick/ff_mnist5k.yaml``,
+``extra/noprop_ct_mnist5k.yaml`` and ``paper/suite.yaml`` work everywhere.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from bpfree.errors import UserError
 
-COLLECTIONS = ("quick", "paper")
+COLLECTIONS = ("quick", "extra", "paper")
 
 
 def packaged_dir(collection: str = "quick") -> Path:
