@@ -19,7 +19,13 @@ from bpfree.runner import execute, resume
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # A small member of each family: seconds per run on one CPU thread.
-SMALL_MODELS = {"mlp": "mlp:1x128", "cnn3": "cnn3:8,16,32", "noprop": "noprop:2,c2,h16", "*": "mlp:1x128"}
+SMALL_MODELS = {
+    "mlp": "mlp:1x128", "cnn3": "cnn3:8,16,32", "noprop": "noprop:2,c2,h16", "*": "mlp:1x128",
+    "noprop-ct": "noprop-ct:c3,h32,p0,euler,s2", "noprop-fm": "noprop-fm:c3,h32,p0,euler,s2",
+}
+# NoProp-CT/FM train their one network at a single time per example: 2 epochs at batch 128 leave them at
+# chance (measured), so their tiny budget takes more, smaller steps.
+SMALL_BUDGETS = {"noprop-ct": {"batch_size": 32, "lr": 3e-3}, "noprop-fm": {"batch_size": 32, "lr": 3e-3}}
 ALGORITHMS = algorithm_names()
 
 
@@ -27,7 +33,7 @@ def tiny_config(algorithm: str, **fields):
     family = get_algorithm(algorithm).model_families[0]
     model = SMALL_MODELS.get(family, NATIVE_MODELS.get(family, family))
     values = {"algorithm": algorithm, "model": model, "epochs": 2, "batch_size": 128, "patience": None, "seed": 3, "device": DEVICE}
-    return build_config({**values, **fields})
+    return build_config({**values, **SMALL_BUDGETS.get(family, {}), **fields})
 
 
 def _metrics(result: dict) -> dict:

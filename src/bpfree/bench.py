@@ -69,6 +69,8 @@ DEFAULT_CASES = (
     BenchCase("FF", "ff", "mlp:3x2000", 256, target_ratio=3.0),
     BenchCase("CaFo-Rand", "cafo", "cnn3", 128, {"variant": "rand"}, target_ratio=1.0),
     BenchCase("NoProp-DT", "noprop", "noprop", 128),
+    BenchCase("NoProp-CT", "noprop-ct", "noprop-ct", 128),  # its BP twin backpropagates through the solver's steps
+    BenchCase("NoProp-FM", "noprop-fm", "noprop-fm", 128),
 )
 
 # On a GPU: the targets of the GPU work, on the papers' MNIST networks (`--dataset mnist`).

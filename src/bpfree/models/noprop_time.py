@@ -290,6 +290,6 @@ for _kind in ("ct", "fm"):
         f"noprop-{_kind}",
         _parser(_kind),
         lambda shape, data: NoPropTimeNet(data.input_shape, data.num_classes, shape),
-        f"noprop-{_kind} or noprop-{_kind}:[cC][,hH][,dD|onehot][,pP][,euler|heun][,sN]{'[,gG]' if _kind == 'ct' else ''}[,rhead] "
-        f"(e.g. noprop-{_kind}:c8,h64,heun,s10)",
+        f"noprop-{_kind} or noprop-{_kind}:TOKENS, comma-separated, any of cC, hH, dD or onehot, pP, euler or heun, sN"
+        f"{', gG' if _kind == 'ct' else ''}, rhead (e.g. noprop-{_kind}:c8,h64,heun,s10)",
     )
